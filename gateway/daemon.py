@@ -1,0 +1,193 @@
+"""The daemon: start in order, serve, stop in reverse.
+
+Start: keys -> policy -> spool recovery (before listening) -> audit log -> delivery worker ->
+SMTP listeners. Stop (SIGTERM/SIGINT): stop accepting, close listeners, stop the worker (an
+attempt in flight is retried after restart: its spool state only changes once it is recorded),
+close the audit log. SIGHUP reloads the policy; an invalid policy leaves the old one in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+import time
+from datetime import UTC, datetime
+
+from gateway import records, tls
+from gateway.audit import AuditLog
+from gateway.config import Config, ListenAddress
+from gateway.delivery import Deliverer
+from gateway.errors import ConfigError, GatewayError
+from gateway.inbound import Inbound
+from gateway.keys import load_keys
+from gateway.logconfig import get_logger
+from gateway.policy import Policy, load_policy
+from gateway.smtp_in import GatewaySMTP
+from gateway.spool import Spool
+from gateway.worker import Worker
+
+log = get_logger("daemon")
+
+
+def utc_now() -> datetime:
+    """The current time, UTC."""
+    return datetime.now(UTC)
+
+
+class PolicyHolder:
+    """The policy in force; swapped whole on reload, read by every decision."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.current = policy
+
+    def __call__(self) -> Policy:
+        """The policy in force now."""
+        return self.current
+
+
+class Daemon:
+    """One running gateway."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.servers: list[asyncio.Server] = []
+
+    async def run(self) -> None:
+        """Start everything, serve until asked to stop, then stop everything."""
+        config = self.config
+        process_start = time.time()
+        keys = await asyncio.to_thread(load_keys, config.keys_path)
+        self.policy = PolicyHolder(await asyncio.to_thread(load_policy, config.policy_path))
+        server_context = await asyncio.to_thread(
+            tls.server_context, config.server.tls_cert, config.server.tls_key
+        )
+        client_context = await asyncio.to_thread(
+            tls.client_context,
+            ca_file=config.delivery.ca_file,
+            min_version=config.delivery.min_tls_version,
+        )
+        self.spool = Spool(config.spool_path, keys.spool_key)
+        for problem in await asyncio.to_thread(self.spool.prepare, process_start=process_start):
+            log.warning("spool_recovered", detail=problem)
+        self.audit = AuditLog(config.audit_path)
+        await self.audit.start()
+        try:
+            await self._serve(keys.pseudonym_key, server_context, client_context)
+        finally:
+            await self.audit.close()
+
+    async def _serve(
+        self, pseudonym_key: bytes, server_context: ssl.SSLContext, client_context: ssl.SSLContext
+    ) -> None:
+        config = self.config
+        await self.audit.append(
+            records.policy_loaded(
+                policy=self.policy.current.version, source=str(config.policy_path)
+            )
+        )
+        deliverer = Deliverer(
+            tls_context=client_context,
+            helo_name=config.server.hostname,
+            connect_timeout=config.delivery.connect_timeout,
+        )
+        worker = Worker(
+            spool=self.spool,
+            audit=self.audit,
+            deliverer=deliverer,
+            delivery=config.delivery,
+            policy=self.policy,
+            clock=utc_now,
+        )
+        recovered = await worker.recover()
+        worker.start()
+        inbound = Inbound(
+            config=config,
+            policy=self.policy,
+            spool=self.spool,
+            audit=self.audit,
+            pseudonym_key=pseudonym_key,
+            on_accepted=worker.enqueue,
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            await self._listen(inbound, server_context)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self.stopping.set)
+            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+            log.info(
+                "daemon_started",
+                listen=[self._bound(s) for s in self.servers],
+                policy=self.policy.current.short_version,
+                recovered=recovered,
+                clients=len(config.clients),
+            )
+            self.ready.set()
+            await self.stopping.wait()
+            log.info("daemon_stopping")
+        finally:
+            inbound.accepting = False
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(signum)
+            for server in self.servers:
+                server.close()
+            for server in self.servers:
+                await server.wait_closed()
+            await worker.stop()
+        log.info("daemon_stopped")
+
+    async def _listen(self, inbound: Inbound, server_context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        listeners: list[tuple[ListenAddress, bool]] = [
+            (a, False) for a in self.config.server.listen
+        ]
+        listeners += [(a, True) for a in self.config.server.listen_tls]
+        for address, implicit in listeners:
+            try:
+                server = await loop.create_server(
+                    lambda implicit=implicit: GatewaySMTP(
+                        inbound,
+                        tls_context=server_context,
+                        implicit_tls=implicit,
+                    ),
+                    address.host,
+                    address.port,
+                    ssl=server_context if implicit else None,
+                    reuse_address=True,
+                )
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {address}: {exc.strerror or exc}",
+                    file=self.config.file,
+                    key="server.listen",
+                ) from exc
+            self.servers.append(server)
+
+    @staticmethod
+    def _bound(server: asyncio.Server) -> list[str]:
+        found = []
+        for sock in server.sockets:
+            host, port = sock.getsockname()[:2]
+            found.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        return found
+
+    async def reload(self) -> None:
+        """Load the policy again; keep the old one in force if the new one is invalid."""
+        try:
+            policy = await asyncio.to_thread(load_policy, self.config.policy_path)
+        except GatewayError as exc:
+            log.error("policy_rejected", error=str(exc))  # noqa: TRY400  (one line, no traceback)
+            await self.audit.append(records.policy_rejected(error=str(exc)))
+            return
+        self.policy.current = policy
+        await self.audit.append(
+            records.policy_loaded(policy=policy.version, source=str(self.config.policy_path))
+        )
+        log.info("policy_loaded", policy=policy.short_version)
+
+
+def serve(config: Config) -> None:
+    """Run the daemon until SIGTERM or SIGINT."""
+    asyncio.run(Daemon(config).run())

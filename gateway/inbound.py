@@ -1,0 +1,215 @@
+"""What happens to a message the SMTP layer has read: decide, spool, record, answer.
+
+`Inbound` is shared by every SMTP session. It holds the parts a session needs (config, the
+policy in force, spool, audit log, keys) and performs the two steps that combine decisions with
+I/O: refusing a recipient by policy (audit `refused`, then 550) and accepting a message (decide,
+commit to the spool, audit `accepted`, then 250). The 250 is only returned once both the spool
+files and the audit record are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from gateway import records, replies
+from gateway.addresses import Address
+from gateway.audit import AuditLog
+from gateway.config import Client, Config
+from gateway.decision import Decision, Verdict, decide
+from gateway.errors import AuditError, SpoolError
+from gateway.logconfig import get_logger
+from gateway.policy import DomainVerdict, Policy
+from gateway.pseudonym import pseudonym
+from gateway.spool import MessageWriter, QueueEntry, Recipient, Spool, State
+
+log = get_logger("inbound")
+
+
+def utc_now() -> datetime:
+    """The current time, UTC."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One mail transaction's envelope as the SMTP layer collected it."""
+
+    client: Client
+    sender: Address
+    recipients: tuple[Address, ...]
+    smtputf8: bool
+
+
+class Inbound:
+    """Shared state and the accept/refuse steps for all inbound SMTP sessions."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        policy: Callable[[], Policy],
+        spool: Spool,
+        audit: AuditLog,
+        pseudonym_key: bytes,
+        on_accepted: Callable[[QueueEntry], None],
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self.config = config
+        self.policy = policy
+        self.spool = spool
+        self.audit = audit
+        self.pseudonym_key = pseudonym_key
+        self.on_accepted = on_accepted
+        self.clock = clock
+        self.connections = 0
+        self.accepting = True
+
+    def pseudonym(self, address: Address) -> str:
+        """The keyed pseudonym of an address."""
+        return pseudonym(self.pseudonym_key, address.normalised)
+
+    def classify(self, domain: str) -> tuple[Policy, DomainVerdict]:
+        """The policy in force and its verdict on `domain` now."""
+        policy = self.policy()
+        return policy, policy.classify(domain, self.clock().date())
+
+    def has_space(self) -> bool:
+        """False when the spool's file system has less than 1.5 x the largest message free."""
+        try:
+            stats = os.statvfs(self.spool.root)
+        except OSError:
+            return False
+        free = stats.f_bavail * stats.f_frsize
+        return free >= self.config.server.max_message_size * 3 // 2
+
+    async def refuse_recipient(
+        self,
+        client: Client,
+        sender: Address,
+        recipient: Address,
+        policy: Policy,
+        verdict: DomainVerdict,
+    ) -> str:
+        """Record a recipient refused by policy and return the 550 reply (or 451 if unrecorded)."""
+        reason = verdict.reason or "insecure_domain"
+        event = records.refused(
+            client=client.name,
+            policy=policy.version,
+            sender_domain=sender.domain,
+            sender_pseudonym=self.pseudonym(sender),
+            recipient_domain=recipient.domain,
+            recipient_pseudonym=self.pseudonym(recipient),
+            reasons=[f"{reason}:{recipient.domain}"],
+        )
+        try:
+            await self.audit.append(event)
+        except AuditError:
+            log.exception("audit_write_failed", step="refused")
+            return replies.INTERNAL_ERROR
+        log.info(
+            "recipient_refused",
+            client=client.name,
+            domain=recipient.domain,
+            reason=reason,
+            rule=verdict.rule,
+        )
+        return replies.recipient_refused(reason, recipient.domain)
+
+    def new_entry(
+        self, ref: str, txn: Transaction, decision: Decision, reader_size: int, digest: str
+    ) -> QueueEntry:
+        """The spool entry for an accepted message (pure given its inputs)."""
+        now = decision.at
+        return QueueEntry(
+            ref=ref,
+            state=State.ACTIVE if decision.verdict is Verdict.RELEASE else State.HELD,
+            received=now,
+            client=txn.client.name,
+            sender=txn.sender.normalised,
+            sender_domain=txn.sender.domain,
+            sender_pseudonym=self.pseudonym(txn.sender),
+            recipients=tuple(
+                Recipient(address=r.normalised, domain=r.domain, pseudonym=self.pseudonym(r))
+                for r in txn.recipients
+            ),
+            verdict=str(decision.verdict),
+            reasons=decision.reasons,
+            policy=decision.policy_version,
+            decided_at=now,
+            size=reader_size,
+            digest=digest,
+            smtputf8=txn.smtputf8,
+            next_attempt=now if decision.verdict is Verdict.RELEASE else None,
+        )
+
+    async def accept(
+        self,
+        ref: str,
+        txn: Transaction,
+        writer: MessageWriter,
+        *,
+        size: int,
+        digest: str,
+        marking: str | None,
+    ) -> str:
+        """Decide, make the message and its record durable, and return the SMTP reply."""
+        policy = self.policy()
+        decision = decide([r.domain for r in txn.recipients], policy, self.clock(), ref)
+        entry = self.new_entry(ref, txn, decision, size, digest)
+        # Order matters (invariant 2 and Golden Rule 7): content and envelope durable under
+        # tmp/, then the decision durable in the transfer log, then published into the queue,
+        # then 250. A crash before the record leaves only temporary files; a crash after it
+        # leaves a recorded message that the client never saw accepted, and retries.
+        try:
+            staged = await asyncio.to_thread(self.spool.stage, writer, entry)
+        except SpoolError:
+            log.exception("spool_write_failed", ref=ref)
+            return replies.SPOOL_FAILED
+        event = records.accepted(
+            ref=ref,
+            client=txn.client.name,
+            verdict=str(decision.verdict),
+            reasons=list(decision.reasons),
+            policy=decision.policy_version,
+            sender_domain=entry.sender_domain,
+            sender_pseudonym=entry.sender_pseudonym,
+            recipients=[
+                (v.domain, r.pseudonym, v.secure, v.rule)
+                for v, r in zip(decision.recipients, entry.recipients, strict=True)
+            ],
+            digest=digest,
+            size=size,
+            marking=marking,
+            purpose=None,
+        )
+        try:
+            await self.audit.append(event)
+        except AuditError:
+            # No record, no acceptance: drop the staged files and let the client retry.
+            log.exception("audit_write_failed", ref=ref, step="accepted")
+            await asyncio.to_thread(self.spool.discard, staged)
+            return replies.SPOOL_FAILED
+        try:
+            await asyncio.to_thread(self.spool.publish, staged)
+        except SpoolError:
+            log.exception("spool_write_failed", ref=ref, step="publish")
+            return replies.SPOOL_FAILED
+        log.info(
+            "message_accepted",
+            ref=ref,
+            client=txn.client.name,
+            verdict=str(decision.verdict),
+            reasons=list(decision.reasons),
+            sender_domain=entry.sender_domain,
+            recipient_domains=sorted({r.domain for r in entry.recipients}),
+            size=size,
+            policy=policy.short_version,
+        )
+        if decision.verdict is Verdict.RELEASE:
+            self.on_accepted(entry)
+            return replies.queued(ref)
+        return replies.held(ref, decision.reply_detail())

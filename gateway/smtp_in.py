@@ -1,0 +1,351 @@
+"""The inbound SMTP session: aiosmtpd's protocol engine with the gateway's own rules.
+
+aiosmtpd (pinned to 1.4.x) supplies the command loop, STARTTLS and the reply plumbing. The
+gateway overrides what it cannot trust or must do differently:
+
+- the greeting: a peer in no client's `networks` gets 554 and is closed, before anything else;
+- MAIL and RCPT: parsed from the raw argument with the gateway's strict grammar
+  (aiosmtpd's own parser follows lenient header rules and silently drops source routes);
+- DATA: streamed line by line through `DataReader` into an encrypted spool file, never held
+  whole in memory, with smuggling, size and header checks;
+- exceptions: a fixed 451 and a logged event, never the exception text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from typing import Any
+
+from aiosmtpd.smtp import SMTP
+
+from gateway import replies
+from gateway.addresses import Address, MailPath, parse_path
+from gateway.config import Client
+from gateway.errors import AddressError, SpoolError
+from gateway.headers import received_field
+from gateway.inbound import Inbound, Transaction
+from gateway.logconfig import get_logger
+from gateway.policy import OnInsecure
+from gateway.reference import new_reference
+from gateway.smtp_data import DataError, DataReader
+
+log = get_logger("smtp_in")
+
+_WRITE_CHUNK = 256 * 1024
+_DATA_ERROR_REPLIES = {
+    DataError.SMUGGLING: replies.SMUGGLING,
+    DataError.LINE_TOO_LONG: replies.LINE_TOO_LONG,
+    DataError.TOO_BIG: replies.SIZE_EXCEEDED,
+    DataError.HEADER_TOO_LARGE: replies.HEADER_TOO_LARGE,
+}
+
+
+class GatewaySMTP(SMTP):
+    """One inbound SMTP connection."""
+
+    def __init__(
+        self, inbound: Inbound, *, tls_context: ssl.SSLContext | None, implicit_tls: bool
+    ) -> None:
+        server = inbound.config.server
+        super().__init__(
+            _NoHooks(),
+            data_size_limit=server.max_message_size,
+            enable_SMTPUTF8=True,
+            hostname=server.hostname,
+            ident="secure transfer gateway",
+            tls_context=None if implicit_tls else tls_context,
+            require_starttls=False,  # enforced at MAIL with the SPEC's 530 5.7.0
+            timeout=server.idle_timeout,
+            auth_exclude_mechanism=["LOGIN", "PLAIN", "CRAM-MD5"],
+        )
+        self.inbound = inbound
+        self.implicit_tls = implicit_tls
+        self.client: Client | None = None
+        self.peer_ip = ""
+        self._reset_transaction()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self.sender: Address | None = None
+        self.smtputf8 = False
+        self.recipients: list[Address] = []
+
+    def _set_post_data_state(self) -> None:
+        super()._set_post_data_state()  # type: ignore[no-untyped-call]
+        self._reset_transaction()
+
+    def tls_version(self) -> str | None:
+        """The TLS version and cipher of this session, or None in clear text."""
+        transport = self.transport
+        if transport is None:
+            return None
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        cipher = ssl_object.cipher()
+        return f"{ssl_object.version()}:{cipher[0] if cipher else 'unknown'}"
+
+    # -- connection --------------------------------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        peer: Any = self.session.peer if self.session else None
+        self.peer_ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        self.client = self.inbound.config.client_for(self.peer_ip)
+        if self.client is None:
+            log.warning("connection_refused", peer=self.peer_ip, reason="not_a_client")
+            await self.push(replies.NOT_A_CLIENT)
+            self._close()
+            return
+        if not self.inbound.accepting:
+            await self.push(replies.SHUTTING_DOWN)
+            self._close()
+            return
+        if self.inbound.connections >= self.inbound.config.server.max_connections:
+            log.warning("connection_refused", peer=self.peer_ip, reason="too_many_connections")
+            await self.push(replies.TOO_MANY_CONNECTIONS)
+            self._close()
+            return
+        self.inbound.connections += 1
+        try:
+            await super()._handle_client()
+        finally:
+            self.inbound.connections -= 1
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Never echo exception text to the peer: log it and answer a fixed 451."""
+        log.error("session_error", error_type=type(error).__name__, client=self._client_name())
+        return replies.INTERNAL_ERROR
+
+    def _client_name(self) -> str | None:
+        return self.client.name if self.client else None
+
+    # -- commands ----------------------------------------------------------------------------
+
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """Refuse a second STARTTLS inside TLS; otherwise aiosmtpd's handshake."""
+        if self.tls_version() is not None:
+            await self.push(replies.ALREADY_TLS)
+            return
+        await super().smtp_STARTTLS(arg)
+
+    async def smtp_AUTH(self, _arg: str) -> None:
+        """SMTP AUTH is not offered yet; before TLS it is refused as the SPEC says."""
+        if self.tls_version() is None:
+            await self.push(replies.TLS_REQUIRED)
+            return
+        await self.push("502 5.5.1 AUTH not available")
+
+    async def _mail_allowed(self) -> bool:
+        if await self.check_helo_needed():
+            return False
+        if self.inbound.config.server.require_tls and self.tls_version() is None:
+            await self.push(replies.TLS_REQUIRED)
+            return False
+        if self.client is not None and self.client.auth_username is not None:
+            session = self.session
+            if session is None or not session.authenticated:
+                await self.push(replies.AUTH_REQUIRED)
+                return False
+        return True
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """MAIL FROM, parsed strictly; the sender's domain must be one the client may use."""
+        if not await self._mail_allowed():
+            return
+        if self.sender is not None:
+            await self.push(replies.NESTED_MAIL)
+            return
+        if arg is None or arg[:5].upper() != "FROM:":
+            await self.push(replies.SYNTAX_MAIL)
+            return
+        try:
+            path = parse_path(arg[5:])
+        except AddressError as exc:
+            log.info(
+                "address_refused", command="MAIL", reason=exc.reason, client=self._client_name()
+            )
+            await self.push(replies.bad_address(exc.reason))
+            return
+        problem = self._check_mail_params(path)
+        if problem is not None:
+            await self.push(problem)
+            return
+        client = self.client
+        if (
+            path.address is None
+            or client is None
+            or not client.allows_sender_domain(path.address.domain)
+        ):
+            log.info(
+                "sender_refused",
+                reason="sender_not_allowed",
+                client=self._client_name(),
+                domain=path.address.domain if path.address else "",
+            )
+            await self.push(replies.sender_not_allowed())
+            return
+        if not await asyncio.to_thread(self.inbound.has_space):
+            log.warning("spool_low_on_space", client=client.name)
+            await self.push(replies.LOW_ON_SPACE)
+            return
+        self.sender = path.address
+        self.smtputf8 = path.param("SMTPUTF8") is not None
+        await self.push(replies.SENDER_OK)
+
+    def _check_mail_params(self, path: MailPath) -> str | None:
+        for name, value in path.params:
+            if name == "SIZE":
+                if value is None or not value.isdigit():
+                    return replies.SYNTAX_MAIL
+                if int(value) > self.inbound.config.server.max_message_size:
+                    return replies.SIZE_EXCEEDED
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.BODY_NOT_SUPPORTED
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    return replies.SYNTAX_MAIL
+            else:
+                return replies.PARAMETER_NOT_SUPPORTED
+        return None
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """RCPT TO, parsed strictly; refused at once if insecure and the policy says reject."""
+        if await self.check_helo_needed():
+            return
+        if self.sender is None or self.client is None:
+            await self.push(replies.NEED_MAIL)
+            return
+        if arg is None or arg[:3].upper() != "TO:":
+            await self.push(replies.SYNTAX_RCPT)
+            return
+        try:
+            path = parse_path(arg[3:], smtputf8=self.smtputf8)
+        except AddressError as exc:
+            log.info("address_refused", command="RCPT", reason=exc.reason, client=self.client.name)
+            await self.push(replies.bad_address(exc.reason))
+            return
+        if path.params:
+            await self.push(replies.PARAMETER_NOT_SUPPORTED)
+            return
+        if path.address is None:
+            await self.push(replies.bad_address("bad_syntax"))
+            return
+        if len(self.recipients) >= self.inbound.config.server.max_recipients:
+            await self.push(replies.TOO_MANY_RECIPIENTS)
+            return
+        recipient = path.address
+        policy, verdict = self.inbound.classify(recipient.domain)
+        if not verdict.secure and policy.on_insecure is OnInsecure.REJECT:
+            reply = await self.inbound.refuse_recipient(
+                self.client, self.sender, recipient, policy, verdict
+            )
+            await self.push(reply)
+            return
+        if recipient.normalised not in {r.normalised for r in self.recipients}:
+            self.recipients.append(recipient)
+        await self.push(replies.RECIPIENT_OK)
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        """Stream the message into the encrypted spool, then decide, record and answer."""
+        if await self.check_helo_needed():
+            return
+        if self.sender is None or self.client is None:
+            await self.push(replies.NEED_MAIL)
+            return
+        if not self.recipients:
+            await self.push(replies.NEED_RCPT)
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        txn = Transaction(self.client, self.sender, tuple(self.recipients), self.smtputf8)
+        inbound = self.inbound
+        now = inbound.clock()
+        ref = new_reference(now)
+        try:
+            writer = await asyncio.to_thread(inbound.spool.new_message, ref)
+        except SpoolError:
+            log.exception("spool_write_failed", ref=ref)
+            await self.push(replies.SPOOL_FAILED)
+            self._set_post_data_state()
+            return
+        reader = DataReader(
+            max_size=inbound.config.server.max_message_size,
+            prefix=received_field(
+                helo=(self.session.host_name if self.session else None) or "",
+                peer_ip=self.peer_ip,
+                hostname=inbound.config.server.hostname,
+                tls=self.tls_version(),
+                ref=ref,
+                moment=now,
+            ),
+        )
+        await self.push(replies.START_DATA)
+        try:
+            reply = await self._receive(ref, txn, reader, writer)
+        except BaseException:
+            await asyncio.to_thread(writer.abort)
+            raise
+        self._set_post_data_state()
+        await self.push(reply)
+
+    async def _receive(self, ref: str, txn: Transaction, reader: DataReader, writer: Any) -> str:
+        pending = bytearray()
+        failed = False
+        while not reader.finished:
+            try:
+                line = await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
+                reader.feed(b"", overlong=True)
+                await self._skip_rest_of_line()
+                continue
+            pending += reader.feed(line)
+            if len(pending) >= _WRITE_CHUNK:
+                self._reset_timeout()
+                if not failed:
+                    try:
+                        await asyncio.to_thread(writer.write, bytes(pending))
+                    except SpoolError:
+                        log.exception("spool_write_failed", ref=ref)
+                        failed = True
+                pending.clear()
+        if reader.error is not None:
+            await asyncio.to_thread(writer.abort)
+            log.warning(
+                "message_refused", ref=ref, reason=str(reader.error), client=txn.client.name
+            )
+            return _DATA_ERROR_REPLIES[reader.error]
+        if not failed:
+            try:
+                await asyncio.to_thread(writer.write, bytes(pending))
+            except SpoolError:
+                log.exception("spool_write_failed", ref=ref)
+                failed = True
+        if failed:
+            await asyncio.to_thread(writer.abort)
+            return replies.SPOOL_FAILED
+        return await self.inbound.accept(
+            ref, txn, writer, size=reader.size, digest=reader.digest, marking=reader.marking
+        )
+
+    async def _skip_rest_of_line(self) -> None:
+        """After an over-long line, discard up to and including its LF."""
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.readexactly(exc.consumed)
+            else:
+                return
+
+
+class _NoHooks:
+    """aiosmtpd wants a handler object; every decision lives in GatewaySMTP instead."""

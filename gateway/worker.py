@@ -1,0 +1,295 @@
+"""The delivery worker: spool -> policy check -> deliver -> record. The one orchestrator.
+
+The worker keeps a heap of released messages by their next attempt time. For each due message
+it checks the policy in force *now* (invariant 1: a domain removed from the policy meanwhile gets
+nothing: the message moves to the hold queue), reads the content from the encrypted spool, adds
+the decision header, and delivers each route's recipients over verified TLS. Every outcome is an
+audit record written before the spool changes; a delivered or bounced message's content is
+deleted at once (retain no longer than necessary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+from gateway import records, schedule
+from gateway.audit import AuditLog
+from gateway.config import DeliveryConfig, Route
+from gateway.delivery import Attempt, Deliverer
+from gateway.errors import AuditError, DeliveryError, PermanentDeliveryError, SpoolError
+from gateway.headers import decision_field
+from gateway.logconfig import get_logger
+from gateway.policy import Policy
+from gateway.spool import QueueEntry, Recipient, Spool, State
+
+log = get_logger("worker")
+
+_LOG_EVENTS = {
+    "delivered": "message_delivered",
+    "deferred": "delivery_deferred",
+    "bounced": "message_bounced",
+}
+
+Outcome = tuple[str, Sequence[Recipient], Attempt | None, DeliveryError | None]
+
+
+class Worker:
+    """Delivers released messages from the spool, retrying on the configured schedule."""
+
+    def __init__(
+        self,
+        *,
+        spool: Spool,
+        audit: AuditLog,
+        deliverer: Deliverer,
+        delivery: DeliveryConfig,
+        policy: Callable[[], Policy],
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.spool = spool
+        self.audit = audit
+        self.deliverer = deliverer
+        self.delivery = delivery
+        self.policy = policy
+        self.clock = clock
+        self._heap: list[tuple[datetime, str]] = []
+        self._queued: set[str] = set()
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(delivery.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner: asyncio.Task[None] | None = None
+
+    # -- scheduling --------------------------------------------------------------------------
+
+    def enqueue(self, entry: QueueEntry) -> None:
+        """Schedule a released message for its next attempt."""
+        if entry.ref in self._queued:
+            return
+        due = entry.next_attempt or self.clock()
+        heapq.heappush(self._heap, (due, entry.ref))
+        self._queued.add(entry.ref)
+        self._wake.set()
+
+    async def recover(self) -> int:
+        """Schedule every active and deferred message found in the spool; return how many."""
+        count = 0
+        for state in (State.ACTIVE, State.DEFERRED):
+            entries = await asyncio.to_thread(_entries, self.spool, state)
+            for entry in entries:
+                self.enqueue(entry)
+                count += 1
+        return count
+
+    def start(self) -> None:
+        """Run the scheduling loop in the background."""
+        self._runner = asyncio.get_running_loop().create_task(self._run(), name="worker")
+
+    async def stop(self) -> None:
+        """Stop scheduling and cancel attempts in flight (their spool state is unchanged)."""
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.deliverer.close()
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for an attempt or in flight."""
+        return len(self._queued)
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            now = self.clock()
+            while self._heap and self._heap[0][0] <= now:
+                _, ref = heapq.heappop(self._heap)
+                await self._slots.acquire()
+                task = asyncio.get_running_loop().create_task(self._attempt(ref))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            timeout = None
+            if self._heap:
+                timeout = max(0.0, (self._heap[0][0] - self.clock()).total_seconds())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _attempt(self, ref: str) -> None:
+        try:
+            await self.attempt(ref)
+        except (SpoolError, AuditError):
+            log.exception("delivery_attempt_failed", ref=ref)
+            # Try again later rather than lose track of it.
+            self._queued.discard(ref)
+            heapq.heappush(self._heap, (self.clock() + timedelta(seconds=60), ref))
+            self._queued.add(ref)
+        finally:
+            self._slots.release()
+            self._wake.set()
+
+    # -- one attempt -------------------------------------------------------------------------
+
+    async def attempt(self, ref: str) -> None:
+        """Make one delivery attempt for every pending recipient of message `ref`."""
+        self._queued.discard(ref)
+        entry = await asyncio.to_thread(self.spool.load, ref)
+        if entry.state is State.HELD or not entry.pending():
+            return
+        policy = self.policy()
+        today = self.clock().date()
+        insecure = [
+            v for v in (policy.classify(r.domain, today) for r in entry.pending()) if not v.secure
+        ]
+        if insecure:
+            await self._hold(entry, policy, [f"{v.reason}:{v.domain}" for v in insecure])
+            return
+        content = await asyncio.to_thread(self.spool.read_content, ref)
+        message = (
+            decision_field(ref=ref, policy_version=entry.policy, at=entry.decided_at) + content
+        )
+        groups: dict[Route | None, list[Recipient]] = {}
+        for recipient in entry.pending():
+            groups.setdefault(self.delivery.route_for(recipient.domain), []).append(recipient)
+        outcomes = await asyncio.gather(
+            *(self._deliver_group(entry, route, group, message) for route, group in groups.items())
+        )
+        await self._settle(entry, outcomes)
+
+    async def _deliver_group(
+        self, entry: QueueEntry, route: Route | None, group: list[Recipient], message: bytes
+    ) -> Outcome:
+        if route is None:
+            return ("no_route", group, None, None)
+        try:
+            attempt = await self.deliverer.deliver(
+                route, entry.sender, [r.address for r in group], message
+            )
+        except DeliveryError as exc:
+            return (f"{route.host}:{route.port}", group, None, exc)
+        return (f"{route.host}:{route.port}", group, attempt, None)
+
+    async def _settle(self, entry: QueueEntry, outcomes: Sequence[Outcome]) -> None:
+        status: dict[str, str] = {}
+        deferred_reason: list[str] = []
+        for host, group, attempt, error in outcomes:
+            by_address = {r.address: r for r in group}
+            if attempt is not None:
+                tls = _tls_fields(attempt)
+                done = [by_address[o.address] for o in attempt.outcomes if o.delivered]
+                perm = [by_address[o.address] for o in attempt.outcomes if o.permanent]
+                temp = [r for r in group if r not in done and r not in perm]
+                await self._record("delivered", entry, done, host, tls, attempt.response, None)
+                await self._record("bounced", entry, perm, host, tls, attempt.response, "rejected")
+                reason = "ambiguous" if attempt.ambiguous else "recipient_deferred"
+                await self._record("deferred", entry, temp, host, tls, attempt.response, reason)
+                status.update({r.address: "delivered" for r in done})
+                status.update({r.address: "bounced" for r in perm})
+                if temp:
+                    deferred_reason.append(f"{reason} at {host}")
+            elif isinstance(error, PermanentDeliveryError):
+                await self._record("bounced", entry, group, host, None, error.code, error.kind)
+                status.update({r.address: "bounced" for r in group})
+            else:
+                kind = error.kind if error is not None else "no_route"
+                code = error.code if error is not None else None
+                await self._record("deferred", entry, group, host, None, code, kind)
+                deferred_reason.append(f"{kind} at {host}")
+        recipients = tuple(
+            replace(r, status=status.get(r.address, r.status)) for r in entry.recipients
+        )
+        updated = replace(entry, recipients=recipients, attempts=entry.attempts + 1)
+        await self._reschedule(updated, "; ".join(deferred_reason) or None)
+
+    async def _reschedule(self, entry: QueueEntry, last_error: str | None) -> None:
+        pending = entry.pending()
+        if not pending:
+            await asyncio.to_thread(self.spool.remove, entry.ref)
+            log.info("message_finished", ref=entry.ref, attempts=entry.attempts)
+            return
+        now = self.clock()
+        due = schedule.next_attempt(
+            attempts=entry.attempts,
+            received=entry.received,
+            now=now,
+            schedule=self.delivery.retry_schedule,
+            max_lifetime=self.delivery.max_queue_lifetime,
+        )
+        if due is None:
+            await self._record("bounced", entry, pending, None, None, None, "queue_lifetime")
+            await asyncio.to_thread(self.spool.remove, entry.ref)
+            log.warning("message_expired", ref=entry.ref, recipients=len(pending))
+            return
+        saved = await asyncio.to_thread(
+            self.spool.save,
+            replace(entry, state=State.DEFERRED, next_attempt=due, last_error=last_error),
+        )
+        log.info("message_deferred", ref=entry.ref, next_attempt=due.isoformat(), reason=last_error)
+        self.enqueue(saved)
+
+    async def _hold(self, entry: QueueEntry, policy: Policy, reasons: list[str]) -> None:
+        await self.audit.append(records.held(ref=entry.ref, reasons=reasons, policy=policy.version))
+        await asyncio.to_thread(
+            self.spool.save,
+            replace(
+                entry,
+                state=State.HELD,
+                reasons=tuple(reasons),
+                policy=policy.version,
+                next_attempt=None,
+            ),
+        )
+        log.warning("message_held_at_delivery", ref=entry.ref, reasons=reasons)
+
+    async def _record(  # noqa: PLR0917  (one call per outcome kind, all fields positional)
+        self,
+        event: str,
+        entry: QueueEntry,
+        group: Sequence[Recipient],
+        host: str | None,
+        tls: dict[str, object] | None,
+        response: int | None,
+        reason: str | None,
+    ) -> None:
+        if not group:
+            return
+        await self.audit.append(
+            records.delivery(
+                event,  # type: ignore[arg-type]
+                ref=entry.ref,
+                recipients=[r.pseudonym for r in group],
+                host=host,
+                tls=tls,
+                response=response,
+                reason=reason,
+            )
+        )
+        log.info(
+            _LOG_EVENTS[event],
+            ref=entry.ref,
+            host=host,
+            recipient_domains=sorted({r.domain for r in group}),
+            response=response,
+            reason=reason,
+        )
+
+
+def _tls_fields(attempt: Attempt) -> dict[str, object] | None:
+    if attempt.tls is None:
+        return None
+    return {
+        "version": attempt.tls.version,
+        "cipher": attempt.tls.cipher,
+        "verified": attempt.tls.verified,
+    }
+
+
+def _entries(spool: Spool, state: State) -> list[QueueEntry]:
+    return list(spool.entries(state))
