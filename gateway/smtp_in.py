@@ -195,7 +195,7 @@ class GatewaySMTP(SMTP):
             await self.push(replies.LOW_ON_SPACE)
             return
         self.sender = path.address
-        self.smtputf8 = path.param("SMTPUTF8") is not None
+        self.smtputf8 = path.has("SMTPUTF8")
         await self.push(replies.SENDER_OK)
 
     def _check_mail_params(self, path: MailPath) -> str | None:
