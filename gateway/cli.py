@@ -129,7 +129,7 @@ def _summary(entry: Any) -> dict[str, Any]:
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
     """List the spool's messages, without content."""
-    from gateway.spool import State  # noqa: PLC0415
+    from gateway.queue_entry import State  # noqa: PLC0415
 
     spool = _spool(_load_config(args))
     state = State(args.state) if args.state else None

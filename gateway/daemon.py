@@ -93,7 +93,7 @@ class Daemon:
             helo_name=config.server.hostname,
             connect_timeout=config.delivery.connect_timeout,
         )
-        worker = Worker(
+        worker = self.worker = Worker(
             spool=self.spool,
             audit=self.audit,
             deliverer=deliverer,

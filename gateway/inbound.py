@@ -24,7 +24,8 @@ from gateway.errors import AuditError, SpoolError
 from gateway.logconfig import get_logger
 from gateway.policy import DomainVerdict, Policy
 from gateway.pseudonym import pseudonym
-from gateway.spool import MessageWriter, QueueEntry, Recipient, Spool, State
+from gateway.queue_entry import QueueEntry, Recipient, State
+from gateway.spool import MessageWriter, Spool
 
 log = get_logger("inbound")
 

@@ -13,24 +13,23 @@ counter and a 4-byte flag that is 1 only on the last chunk; the ref is the assoc
 A flipped bit, a reordered or missing chunk, a truncation or a file of another ref fails with
 `SpoolCorruptError`. A `.meta` is one chunk; its state must match the folder it lies in.
 
-Commit order: content into data/, then the `.meta` into its state folder, then fsync folders.
-A `.msg` without a `.meta` was never acknowledged and is removed at start.
+Commit is two steps so that the caller can record the decision in between (`stage`, then
+`publish`): content and `.meta` written and fsynced under tmp/; then content renamed into data/,
+the `.meta` into its state folder, and the folders fsynced. A crash before `publish` leaves only
+temporary files, removed at start; a `.msg` without a `.meta` was never acknowledged and is
+removed at start too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
-import re
 import secrets
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime
-from enum import StrEnum
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -38,124 +37,17 @@ from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from gateway.errors import SpoolCorruptError, SpoolError
+from gateway.queue_entry import REF_PATTERN, QueueEntry, Recipient, State
+
+__all__ = ["CHUNK_SIZE", "MAGIC", "QueueEntry", "Recipient", "Spool", "Staged", "State"]
 
 MAGIC = b"SGSPOOL1"
 SALT_LENGTH = 16
 CHUNK_SIZE = 64 * 1024
 _TAG = 16
-_REF = re.compile(r"SG-[0-9A-HJKMNP-TV-Z]{26}")
+_REF = REF_PATTERN
 _MSG_INFO = b"gateway spool message "
 _META_INFO = b"gateway spool meta "
-_FORMAT = 1
-
-
-class State(StrEnum):
-    """Which queue a message is in; also the name of its folder."""
-
-    ACTIVE = "active"
-    DEFERRED = "deferred"
-    HELD = "held"
-
-
-@dataclass(frozen=True)
-class Recipient:
-    """One envelope recipient and how far its delivery has come."""
-
-    address: str
-    domain: str
-    pseudonym: str
-    status: str = "pending"
-
-
-_STATUSES = frozenset({"pending", "delivered", "bounced", "dropped"})
-
-
-@dataclass(frozen=True)
-class QueueEntry:
-    """A queued message's envelope, decision and delivery state (stored encrypted)."""
-
-    ref: str
-    state: State
-    received: datetime
-    client: str
-    sender: str
-    sender_domain: str
-    sender_pseudonym: str
-    recipients: tuple[Recipient, ...]
-    verdict: str
-    reasons: tuple[str, ...]
-    policy: str
-    decided_at: datetime
-    size: int
-    digest: str
-    smtputf8: bool = False
-    attempts: int = 0
-    next_attempt: datetime | None = None
-    last_error: str | None = None
-    revision: int = 0
-
-    def pending(self) -> tuple[Recipient, ...]:
-        """Return the recipients not yet delivered, bounced or dropped."""
-        return tuple(r for r in self.recipients if r.status == "pending")
-
-    def to_json(self) -> bytes:
-        """Serialise to canonical JSON bytes."""
-        data: dict[str, Any] = asdict(self)
-        for name in ("received", "decided_at", "next_attempt"):
-            value = data[name]
-            data[name] = value.isoformat() if value is not None else None
-        data["format"] = _FORMAT
-        return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> QueueEntry:
-        """Parse `to_json` output strictly; anything unexpected is `SpoolCorruptError`."""
-        try:
-            raw = json.loads(data)
-            if not isinstance(raw, dict) or raw.pop("format", None) != _FORMAT:
-                raise _bad("not a queue entry of a known format")
-            entry = cls(**_fields(cls, raw))
-        except (ValueError, TypeError) as exc:  # JSON, enum and time errors
-            raise _bad(str(exc)) from exc
-        bad_status = any(r.status not in _STATUSES for r in entry.recipients)
-        if bad_status or entry.verdict not in {"release", "hold"} or not _REF.fullmatch(entry.ref):
-            raise _bad("bad ref, verdict or recipient status")
-        return entry
-
-
-def _bad(problem: str) -> SpoolCorruptError:
-    return SpoolCorruptError(f"malformed queue entry: {problem}")
-
-
-_SIMPLE: dict[str, type] = {"str": str, "int": int, "bool": bool, "datetime": str}
-
-
-def _fields(cls: type[QueueEntry | Recipient], raw: Any) -> dict[str, Any]:
-    """Check the JSON object `raw` against the fields of `cls` and convert its values."""
-    hints = {f.name: str(f.type) for f in fields(cls)}
-    if not isinstance(raw, dict) or set(raw) != set(hints):
-        raise _bad(f"fields of {cls.__name__} missing or unknown")
-    out: dict[str, Any] = {}
-    for name, hint in hints.items():
-        value: Any = raw[name]
-        if hint.endswith(" | None") and value is None:
-            pass
-        elif hint == "State":
-            value = State(value)
-        elif name == "recipients" and isinstance(value, list):
-            value = tuple(Recipient(**_fields(Recipient, item)) for item in value)
-        elif name == "reasons" and isinstance(value, list):
-            if not all(isinstance(item, str) for item in value):
-                raise _bad("reasons must be strings")
-            value = tuple(value)
-        elif type(value) is not _SIMPLE.get(hint.removesuffix(" | None")):
-            raise _bad(f"{name} has the wrong type")
-        elif hint.startswith("datetime"):
-            value = datetime.fromisoformat(str(value))
-            if value.tzinfo is None:
-                raise _bad(f"{name} has no time zone")
-        out[name] = value
-    return out
 
 
 def _check_ref(ref: str) -> str:

@@ -25,7 +25,8 @@ from gateway.errors import AuditError, DeliveryError, PermanentDeliveryError, Sp
 from gateway.headers import decision_field
 from gateway.logconfig import get_logger
 from gateway.policy import Policy
-from gateway.spool import QueueEntry, Recipient, Spool, State
+from gateway.queue_entry import QueueEntry, Recipient, State
+from gateway.spool import Spool
 
 log = get_logger("worker")
 
@@ -155,11 +156,15 @@ class Worker:
         message = (
             decision_field(ref=ref, policy_version=entry.policy, at=entry.decided_at) + content
         )
-        groups: dict[Route | None, list[Recipient]] = {}
+        # Recipients whose routes lead to the same server (host, port, certificate name) go in
+        # one transaction, as Postfix groups by next hop.
+        groups: dict[tuple[str, int, str] | None, tuple[Route | None, list[Recipient]]] = {}
         for recipient in entry.pending():
-            groups.setdefault(self.delivery.route_for(recipient.domain), []).append(recipient)
+            route = self.delivery.route_for(recipient.domain)
+            key = (route.host, route.port, route.tls_name) if route else None
+            groups.setdefault(key, (route, []))[1].append(recipient)
         outcomes = await asyncio.gather(
-            *(self._deliver_group(entry, route, group, message) for route, group in groups.items())
+            *(self._deliver_group(entry, route, group, message) for route, group in groups.values())
         )
         await self._settle(entry, outcomes)
 

@@ -225,3 +225,75 @@ def _mail_only(port, context, raw_path):
         client.ehlo()
         code, text = client.docmd("MAIL", f"FROM:{raw_path}")
     return code, text.decode()
+
+
+async def test_message_bounces_after_queue_lifetime_and_content_is_deleted(tmp_path, ca):
+    """A downstream that never offers TLS: deferred, then bounced at max_queue_lifetime."""
+    server, port, handler = await start_receiver(tls_context=None)
+    try:
+        setup = make_setup(
+            tmp_path, ca, receiver_port=port, delivery_extra="max_queue_lifetime = 2"
+        )
+        async with running_gateway(setup) as (daemon, smtp_port):
+            seen = await asyncio.to_thread(
+                smtp_send, smtp_port, setup.client_context, SENDER, ["lead@nhs.net"], message()
+            )
+            ref = REF.search(seen.text("data")).group()
+            await eventually(
+                lambda: any(r["event"] == "bounced" for r in read_records(setup.config.audit_path))
+            )
+            await eventually(lambda: not daemon.spool.refs(State.DEFERRED))
+    finally:
+        await stop_receiver(server, handler)
+    assert handler.messages == []
+    events = [(r["event"], r.get("reason")) for r in read_records(setup.config.audit_path)]
+    assert ("deferred", "no_starttls") in events
+    assert ("bounced", "queue_lifetime") in events
+    assert list((setup.root / "spool" / "data").iterdir()) == []
+    bounced = next(r for r in read_records(setup.config.audit_path) if r["event"] == "bounced")
+    assert bounced["ref"] == ref
+
+
+async def test_one_connection_per_route_is_reused_for_several_messages(tmp_path, ca, receiver):
+    """Messages sent one after another to one route share one verified connection."""
+    port, handler = receiver
+    setup = make_setup(tmp_path, ca, receiver_port=port)
+    async with running_gateway(setup) as (daemon, smtp_port):
+        for number in range(3):
+            seen = await asyncio.to_thread(
+                smtp_send,
+                smtp_port,
+                setup.client_context,
+                SENDER,
+                [f"r{number}@nhs.net"],
+                message(),
+            )
+            assert seen.code("data") == 250
+            await eventually(lambda n=number: len(handler.messages) == n + 1)
+        deliverer = daemon.worker.deliverer
+        assert deliverer.connections_opened == 1
+        assert deliverer.connections_reused == 2
+
+
+async def test_recipients_whose_routes_share_a_server_go_in_one_transaction(tmp_path, ca, receiver):
+    """Two secure domains routed to one server: one transaction, one delivered record."""
+    port, handler = receiver
+    setup = make_setup(tmp_path, ca, receiver_port=port)
+    async with running_gateway(setup) as (daemon, smtp_port):
+        seen = await asyncio.to_thread(
+            smtp_send,
+            smtp_port,
+            setup.client_context,
+            SENDER,
+            ["lead@nhs.net", "officer@met.pnn.police.uk"],
+            message(),
+        )
+        ref = REF.search(seen.text("data")).group()
+        await eventually(lambda: not daemon.spool.refs(State.ACTIVE))
+    assert [sorted(m.rcpt_tos) for m in handler.messages] == [
+        ["lead@nhs.net", "officer@met.pnn.police.uk"]
+    ]
+    delivered = [r for r in read_records(setup.config.audit_path) if r["event"] == "delivered"]
+    assert len(delivered) == 1
+    assert delivered[0]["ref"] == ref
+    assert len(delivered[0]["recipients"]) == 2

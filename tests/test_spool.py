@@ -409,3 +409,38 @@ def test_failed_rename_leaves_nothing(spool):
     with pytest.raises(SpoolError, match="cannot commit"):
         spool.commit(writer, make_entry(make_ref(1), State.HELD))
     assert files(spool) == ["held"]
+
+
+def test_staged_message_is_durable_but_not_queued_until_published(spool):
+    """Between stage and publish a message is only temporary files, invisible to the queue."""
+    ref = make_ref(900)
+    writer = spool.new_message(ref)
+    writer.write(b"staged body")
+    staged = spool.stage(writer, replace(make_entry(ref), size=writer.size, digest=writer.digest))
+    assert spool.refs(State.ACTIVE) == []
+    assert all(name.startswith("tmp/") for name in files(spool))
+    spool.publish(staged)
+    assert spool.refs(State.ACTIVE) == [ref]
+    assert spool.read_content(ref) == b"staged body"
+    assert not any(name.startswith("tmp/") for name in files(spool))
+
+
+def test_discarded_stage_leaves_nothing(spool):
+    """A staged message whose decision could not be recorded is dropped without a trace."""
+    ref = make_ref(901)
+    writer = spool.new_message(ref)
+    writer.write(b"never recorded")
+    spool.discard(spool.stage(writer, replace(make_entry(ref), size=writer.size)))
+    assert files(spool) == []
+
+
+def test_a_crash_between_stage_and_publish_leaves_only_what_prepare_removes(spool, tmp_path):
+    """Staged files left by a dead process are removed at the next start, before listening."""
+    ref = make_ref(902)
+    writer = spool.new_message(ref)
+    writer.write(b"crashed before publish")
+    spool.stage(writer, replace(make_entry(ref), size=writer.size))
+    restarted = Spool(spool.root, KEY)
+    notes = restarted.prepare(process_start=time.time() + 1)
+    assert files(restarted) == []
+    assert len(notes) == 2
