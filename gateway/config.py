@@ -166,7 +166,12 @@ def _path(table: tomlfile.Table, key: str, base: Path, default: str | None = Non
     raw = table.string(key) if default is None else table.string(key, default)
     if not raw:
         raise table.error(key, "must not be empty")
-    return (base / raw) if not Path(raw).is_absolute() else Path(raw)
+    return _resolve(base, raw)
+
+
+def _resolve(base: Path, raw: str) -> Path:
+    """`raw` against `base`, with `..` folded so messages show the real place."""
+    return Path(os.path.normpath(base / raw))
 
 
 def _domain(table: tomlfile.Table, key: str, raw: str) -> str:
@@ -254,7 +259,7 @@ def _delivery(table: tomlfile.Table, base: Path) -> DeliveryConfig:
         raise table.error("retry_schedule", "must list at least one interval")
     delivery = DeliveryConfig(
         mode=table.string("mode", "routes", choices=("routes", "mx")),
-        ca_file=(base / ca_raw) if ca_raw else None,
+        ca_file=_resolve(base, ca_raw) if ca_raw else None,
         min_tls_version=table.string("min_tls_version", "1.2", choices=("1.2", "1.3")),
         retry_schedule=schedule,
         max_queue_lifetime=table.integer("max_queue_lifetime", 432_000, minimum=1),

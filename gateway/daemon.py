@@ -119,7 +119,7 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
             log.info(
                 "daemon_started",
-                listen=[self._bound(s) for s in self.servers],
+                listen=[address for s in self.servers for address in self._bound(s)],
                 policy=self.policy.current.short_version,
                 recovered=recovered,
                 clients=len(config.clients),

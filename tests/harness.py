@@ -255,7 +255,7 @@ class GatewayProcess:
                 with contextlib.suppress(ValueError, KeyError, IndexError):
                     event = json.loads(line)
                     if event.get("event") == "daemon_started":
-                        self.port = int(event["listen"][0][0].rsplit(":", 1)[1])
+                        self.port = int(event["listen"][0].rsplit(":", 1)[1])
                         started.set()
         started.set()
 
