@@ -157,7 +157,7 @@ def parse_listen(raw: str) -> ListenAddress:
         host, sep, port = raw[1:].partition("]:")
     else:
         host, sep, port = raw.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError(f'"{raw}" is not host:port or [v6]:port')
     return ListenAddress(host, int(port))
 
@@ -248,12 +248,13 @@ def _route(table: tomlfile.Table) -> Route:
 
 def _delivery(table: tomlfile.Table, base: Path) -> DeliveryConfig:
     ca_raw = table.string("ca_file", "")
-    routes = tuple(_route(t) for t in table.tables("routes"))
-    seen: dict[str, Route] = {}
-    for route in routes:
+    route_tables = list(table.tables("routes"))
+    routes = tuple(_route(t) for t in route_tables)
+    seen: set[str] = set()
+    for route, route_table in zip(routes, route_tables, strict=True):
         if route.domain in seen:
-            raise table.error("routes", f"domain {route.domain} has two routes")
-        seen[route.domain] = route
+            raise route_table.error("domain", f"{route.domain} has a route already")
+        seen.add(route.domain)
     schedule = table.integers("retry_schedule", [60, 300, 900, 3600], minimum=1)
     if not schedule:
         raise table.error("retry_schedule", "must list at least one interval")
@@ -285,11 +286,13 @@ def parse(root: tomlfile.Table, base: Path) -> Config:
     metrics = root.table("metrics")
     control = root.table("control")
     logging = root.table("logging")
-    clients = tuple(_client(t) for t in root.tables("clients"))
-    names = [c.name for c in clients]
-    for name in names:
-        if names.count(name) > 1:
-            raise root.error("clients", f'client name "{name}" is used twice')
+    client_tables = list(root.tables("clients"))
+    clients = tuple(_client(t) for t in client_tables)
+    names: set[str] = set()
+    for client, client_table in zip(clients, client_tables, strict=True):
+        if client.name in names:
+            raise client_table.error("name", f'client name "{client.name}" is used twice')
+        names.add(client.name)
     config = Config(
         file=root.locator.file,
         server=server,

@@ -20,7 +20,7 @@ FORBIDDEN_FIELDS = frozenset({b"x-safeguarding-decision", b"tls-required"})
 DECISION_FIELD = "X-Safeguarding-Decision"
 
 _MARKING = re.compile(
-    rb"^\s*\[?\s*(OFFICIAL-SENSITIVE|OFFICIAL)"
+    rb"^\s*\[?\s*(OFFICIAL-SENSITIVE|OFFICIAL(?!-))"
     rb"(?:\s*\[\s*(PERSONAL|COMMERCIAL|LOCSEN)\s*\])?\s*\]?(?=$|[\s:\-])",
     re.IGNORECASE,
 )

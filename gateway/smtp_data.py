@@ -74,7 +74,8 @@ class DataReader:
         """Take one raw line (ending in LF, or a fragment if `overlong`); return bytes to spool."""
         if self.finished:
             return b""
-        if overlong or len(line) > MAX_LINE:
+        # The limit counts the line as written, so a stuffed dot is not part of it.
+        if overlong or len(line) > MAX_LINE + line.startswith(b"."):
             self.fail(DataError.LINE_TOO_LONG)
             return b""
         if line == END_OF_DATA:

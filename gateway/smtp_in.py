@@ -17,6 +17,7 @@ import asyncio
 import ssl
 from typing import Any
 
+import structlog
 from aiosmtpd.smtp import SMTP
 
 from gateway import replies
@@ -289,7 +290,8 @@ class GatewaySMTP(SMTP):
         )
         await self.push(replies.START_DATA)
         try:
-            reply = await self._receive(ref, txn, reader, writer)
+            with structlog.contextvars.bound_contextvars(ref=ref):
+                reply = await self._receive(ref, txn, reader, writer)
         except BaseException:
             await asyncio.to_thread(writer.abort)
             raise
@@ -299,6 +301,8 @@ class GatewaySMTP(SMTP):
     async def _receive(self, ref: str, txn: Transaction, reader: DataReader, writer: Any) -> str:
         pending = bytearray()
         failed = False
+        loop = asyncio.get_running_loop()
+        last_reset = loop.time()
         while not reader.finished:
             try:
                 line = await self._reader.readuntil(b"\n")
@@ -308,8 +312,13 @@ class GatewaySMTP(SMTP):
                 await self._skip_rest_of_line()
                 continue
             pending += reader.feed(line)
-            if len(pending) >= _WRITE_CHUNK:
+            now = loop.time()
+            if now - last_reset >= 1.0:
+                # idle_timeout is per line of DATA too, not for the whole upload; re-armed at
+                # most once a second to keep the per-line cost down.
                 self._reset_timeout()
+                last_reset = now
+            if len(pending) >= _WRITE_CHUNK:
                 if not failed:
                     try:
                         await asyncio.to_thread(writer.write, bytes(pending))

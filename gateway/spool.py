@@ -381,6 +381,10 @@ class Spool:
             raise SpoolCorruptError(f"{path}: entry does not belong in this place")
         return entry
 
+    def contains(self, ref: str) -> bool:
+        """True when `ref` has an entry in any state folder."""
+        return bool(self._find(_check_ref(ref)))
+
     def load(self, ref: str) -> QueueEntry:
         """Return the entry of `ref`; SpoolError if it is not in the spool."""
         states = self._find(_check_ref(ref))

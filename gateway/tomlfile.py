@@ -67,6 +67,11 @@ class Locator:
             found = self.keys.get((table, index, key))
             if found is not None:
                 return found
+            # The key may be a table written as a header: [key] or [[key]].
+            child = f"{table}.{key}" if table else key
+            found = self.tables.get((child, 0))
+            if found is not None:
+                return found
         return self.tables.get((table, index))
 
 

@@ -141,6 +141,8 @@ class Worker:
     async def attempt(self, ref: str) -> None:
         """Make one delivery attempt for every pending recipient of message `ref`."""
         self._queued.discard(ref)
+        if not await asyncio.to_thread(self.spool.contains, ref):
+            return  # finished or removed meanwhile: nothing to do
         entry = await asyncio.to_thread(self.spool.load, ref)
         if entry.state is State.HELD or not entry.pending():
             return

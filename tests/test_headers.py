@@ -73,8 +73,9 @@ def test_remove_fields_with_nothing_to_remove_is_identity():
 
 def test_remove_fields_with_other_names():
     """remove_fields drops the names it is given, not the default ones."""
-    expected = (b"X-Safeguarding-Decision: x\r\n", 1)
-    assert expected == headers.remove_fields(SECTION[:60], frozenset({b"from"}))
+    section = b"From: a\r\n b\r\nTLS-Required: No\r\nfrom: c\r\n"
+    expected = (b"TLS-Required: No\r\n", 2)
+    assert expected == headers.remove_fields(section, frozenset({b"from"}))
 
 
 def test_field_value_unfolds():
@@ -135,12 +136,6 @@ def test_protective_marking(subject, expected):
     assert expected == headers.protective_marking(subject)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: headers._MARKING allows '-' after OFFICIAL in its lookahead, so when "
-    "OFFICIAL-SENSITIVE is followed by a word character the regex backtracks and returns "
-    "'OFFICIAL': an under-marking, where 'OFFICIALLY' gives None",
-)
 def test_sensitive_followed_by_a_word_is_not_official():
     """`OFFICIAL-SENSITIVE_PERSONAL` is not read as the lower marking OFFICIAL."""
     assert headers.protective_marking(b"OFFICIAL-SENSITIVE_PERSONAL case 4") is None
@@ -215,7 +210,7 @@ def test_received_field_hostile_helo():
         ref="SG-1",
         moment=MOMENT,
     )
-    expected = b"Received: from evil?host??X-Safeguarding-Decision??? ([192.0.2.1])\r\n"
+    expected = b"Received: from evil?host??X-Safeguarding-Decision:?? ([192.0.2.1])\r\n"
     assert expected == actual[: len(expected)]
 
 
@@ -232,7 +227,11 @@ def test_decision_field_exact():
 @given(
     st.from_regex(r"SG-[0-9A-Z]{10,26}", fullmatch=True),
     st.text("0123456789abcdef", min_size=64, max_size=64),
-    st.datetimes(timezones=st.just(UTC)),
+    st.datetimes(
+        min_value=datetime(2000, 1, 1),  # noqa: DTZ001 - hypothesis bounds are naive
+        max_value=datetime(9999, 12, 31),  # noqa: DTZ001
+        timezones=st.just(UTC),
+    ),
 )
 def test_decision_field_format(ref, policy, at):
     """Every decision field matches the SPEC section 5 shape, CRLF included."""
@@ -240,7 +239,7 @@ def test_decision_field_format(ref, policy, at):
         rb"X-Safeguarding-Decision: SG-[0-9A-Z]+; verdict=released; policy=[0-9a-f]{16}; "
         rb"at=\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\r\n"
     )
-    actual = headers.decision_field(ref=ref, policy_version=policy, at=at.replace(year=2026))
+    actual = headers.decision_field(ref=ref, policy_version=policy, at=at)
     assert re.fullmatch(pattern, actual) is not None
 
 

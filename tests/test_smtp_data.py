@@ -186,12 +186,6 @@ def test_line_over_1000_octets_is_refused():
     assert expected == (output, reader.error, reader.finished)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: smtp_data.DataReader.feed checks len(line) > 1000 before undoing dot-stuffing; "
-    "RFC 5321 4.5.3.1.6 does not count the stuffed dot, so a legal 998-octet line that starts "
-    "with '.' (1001 octets on the wire) is refused as LINE_TOO_LONG",
-)
 def test_dot_stuffed_line_at_limit_is_accepted():
     """A 998-octet text line starting with a dot is legal though it is 1001 octets stuffed."""
     reader = _reader()
