@@ -64,6 +64,36 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- passwd ----------------------------------------------------------------------------------
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:  # noqa: ARG001  (every handler takes args)
+    """Read one line (less its LF or CRLF), or ask twice on a terminal; print its hash."""
+    import getpass  # noqa: PLC0415
+
+    from gateway.passwords import hash_password  # noqa: PLC0415
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Password again: ") != password:
+            raise GatewayError("the two passwords differ; run gateway passwd again")
+    else:
+        line = sys.stdin.buffer.readline()
+        newline = b"\r\n" if line.endswith(b"\r\n") else b"\n"
+        try:
+            password = line.removesuffix(newline).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise GatewayError("the password on stdin is not UTF-8 text") from exc
+    if not password:
+        raise GatewayError("empty password: give one line on stdin, or type one when asked")
+    try:
+        encoded = hash_password(password)
+    except ValueError as exc:
+        raise GatewayError(str(exc)) from exc
+    sys.stdout.write(encoded + "\n")
+    return EXIT_OK
+
+
 # -- policy ----------------------------------------------------------------------------------
 
 
@@ -220,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, parser_class=_Parser
     )
     add(keys, "init", cmd_keys_init, "create keys and print the public key")
+    add(sub, "passwd", cmd_passwd, "read a password on stdin, print an auth_password_hash")
 
     policy = sub.add_parser("policy", help="the secure-domain policy").add_subparsers(
         dest="action", required=True, parser_class=_Parser

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from gateway import tomlfile
 from gateway.errors import ConfigError
+from gateway.passwords import parse_hash
 
 DEFAULT_PATH = Path("/etc/gateway/gateway.toml")
 
@@ -45,6 +46,10 @@ class ServerConfig:
     max_recipients: int
     max_connections: int
     idle_timeout: int
+    max_connections_per_address: int
+    min_data_rate: int
+    hard_error_limit: int
+    client_ca_file: Path | None
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,11 @@ def _path(table: tomlfile.Table, key: str, base: Path, default: str | None = Non
     return _resolve(base, raw)
 
 
+def _optional_path(table: tomlfile.Table, key: str, base: Path) -> Path | None:
+    raw = table.string(key, "")
+    return _resolve(base, raw) if raw else None
+
+
 def _resolve(base: Path, raw: str) -> Path:
     """`raw` against `base`, with `..` folded so messages show the real place."""
     return Path(os.path.normpath(base / raw))
@@ -195,6 +205,10 @@ def _server(table: tomlfile.Table, base: Path) -> ServerConfig:
         max_recipients=table.integer("max_recipients", 100, minimum=1),
         max_connections=table.integer("max_connections", 200, minimum=1),
         idle_timeout=table.integer("idle_timeout", 60, minimum=1),
+        max_connections_per_address=table.integer("max_connections_per_address", 50, minimum=1),
+        min_data_rate=table.integer("min_data_rate", 500, minimum=1),
+        hard_error_limit=table.integer("hard_error_limit", 20, minimum=1),
+        client_ca_file=_optional_path(table, "client_ca_file", base),
     )
     if not server.listen and not server.listen_tls:
         raise table.error("listen", "no listener: give listen or listen_tls")
@@ -223,12 +237,30 @@ def _client(table: tomlfile.Table) -> Client:
         sender_domains=senders,
         auth_username=table.string("auth_username", None),
         auth_password_hash=table.string("auth_password_hash", None),
-        tls_client_fingerprint=table.string("tls_client_fingerprint", None),
+        tls_client_fingerprint=_fingerprint(table),
     )
     if (client.auth_username is None) != (client.auth_password_hash is None):
         raise table.error("auth_username", "auth_username and auth_password_hash go together")
+    if client.auth_password_hash is not None:
+        table.convert("auth_password_hash", client.auth_password_hash, parse_hash)
     table.finish()
     return client
+
+
+def _fingerprint(table: tomlfile.Table) -> str | None:
+    """`sha256:` and 64 hex digits (colons allowed, as openssl prints them), lower-cased."""
+    if not table.has("tls_client_fingerprint"):
+        return None
+    raw = table.string("tls_client_fingerprint")
+    algorithm, _, digest = raw.partition(":")
+    digest = digest.replace(":", "").lower()
+    if (
+        algorithm.lower() != "sha256"
+        or len(digest) != 64
+        or not set(digest) <= set("0123456789abcdef")
+    ):
+        raise table.error("tls_client_fingerprint", 'must be "sha256:" and 64 hex digits')
+    return f"sha256:{digest}"
 
 
 def _route(table: tomlfile.Table) -> Route:

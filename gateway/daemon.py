@@ -9,6 +9,7 @@ close the audit log. SIGHUP reloads the policy; an invalid policy leaves the old
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import ssl
 import time
@@ -62,7 +63,13 @@ class Daemon:
         keys = await asyncio.to_thread(load_keys, config.keys_path)
         self.policy = PolicyHolder(await asyncio.to_thread(load_policy, config.policy_path))
         server_context = await asyncio.to_thread(
-            tls.server_context, config.server.tls_cert, config.server.tls_key
+            functools.partial(
+                tls.server_context,
+                config.server.tls_cert,
+                config.server.tls_key,
+                request_client_cert=any(c.tls_client_fingerprint for c in config.clients),
+                client_ca_file=config.server.client_ca_file,
+            )
         )
         client_context = await asyncio.to_thread(
             tls.client_context,

@@ -10,6 +10,7 @@ files and the audit record are durable.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from gateway.logconfig import get_logger
 from gateway.policy import DomainVerdict, Policy
 from gateway.pseudonym import pseudonym
 from gateway.queue_entry import QueueEntry, Recipient, State
+from gateway.smtp_auth import Authenticator
 from gateway.spool import MessageWriter, Spool
 
 log = get_logger("inbound")
@@ -67,7 +69,27 @@ class Inbound:
         self.on_accepted = on_accepted
         self.clock = clock
         self.connections = 0
+        self.per_address: collections.Counter[str] = collections.Counter()
         self.accepting = True
+        self.authenticator = Authenticator()
+
+    def admit(self, peer_ip: str) -> bool:
+        """Count a new session in, unless the total or per-address limit is reached."""
+        server = self.config.server
+        if self.connections >= server.max_connections:
+            return False
+        if self.per_address[peer_ip] >= server.max_connections_per_address:
+            return False
+        self.connections += 1
+        self.per_address[peer_ip] += 1
+        return True
+
+    def release(self, peer_ip: str) -> None:
+        """Count a session out."""
+        self.connections -= 1
+        self.per_address[peer_ip] -= 1
+        if self.per_address[peer_ip] <= 0:
+            del self.per_address[peer_ip]
 
     def pseudonym(self, address: Address) -> str:
         """The keyed pseudonym of an address."""

@@ -11,11 +11,15 @@ NOT_A_CLIENT = "554 5.7.1 Access denied: this host is not a configured client"
 SHUTTING_DOWN = "421 4.3.2 Service shutting down, try again later"
 TOO_MANY_CONNECTIONS = "421 4.7.0 Too many connections, try again later"
 TIMEOUT = "421 4.4.2 Timeout, closing connection"
+TOO_SLOW = "421 4.4.2 Data arriving too slowly, closing connection"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors, closing connection"
 
 # TLS and authentication
 TLS_REQUIRED = "530 5.7.0 Must issue a STARTTLS command first"
 AUTH_REQUIRED = "530 5.7.0 Authentication required"
 ALREADY_TLS = "503 5.5.1 TLS already active"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the AUTH data"
 
 # Envelope
 SYNTAX_MAIL = "501 5.5.4 Syntax: MAIL FROM:<address> [parameters]"

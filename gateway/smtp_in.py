@@ -14,11 +14,13 @@ gateway overrides what it cannot trust or must do differently:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import ssl
-from typing import Any
+from typing import Any, AnyStr
 
 import structlog
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 from gateway import replies
 from gateway.addresses import Address, MailPath, parse_path
@@ -29,6 +31,7 @@ from gateway.inbound import Inbound, Transaction
 from gateway.logconfig import get_logger
 from gateway.policy import OnInsecure
 from gateway.reference import new_reference
+from gateway.smtp_auth import certificate_fingerprint, identity_missing
 from gateway.smtp_data import DataError, DataReader
 
 log = get_logger("smtp_in")
@@ -58,10 +61,13 @@ class GatewaySMTP(SMTP):
             tls_context=None if implicit_tls else tls_context,
             require_starttls=False,  # enforced at MAIL with the SPEC's 530 5.7.0
             timeout=server.idle_timeout,
-            auth_exclude_mechanism=["LOGIN", "PLAIN", "CRAM-MD5"],
         )
+        if implicit_tls:
+            # The whole connection is TLS: offer AUTH at once (aiosmtpd only looks for STARTTLS).
+            self._auth_require_tls = False
         self.inbound = inbound
         self.implicit_tls = implicit_tls
+        self.errors = 0
         self.client: Client | None = None
         self.peer_ip = ""
         self._reset_transaction()
@@ -103,16 +109,34 @@ class GatewaySMTP(SMTP):
             await self.push(replies.SHUTTING_DOWN)
             self._close()
             return
-        if self.inbound.connections >= self.inbound.config.server.max_connections:
+        if not self.inbound.admit(self.peer_ip):
             log.warning("connection_refused", peer=self.peer_ip, reason="too_many_connections")
             await self.push(replies.TOO_MANY_CONNECTIONS)
             self._close()
             return
-        self.inbound.connections += 1
         try:
             await super()._handle_client()
         finally:
-            self.inbound.connections -= 1
+            self.inbound.release(self.peer_ip)
+
+    async def push(self, status: AnyStr) -> None:
+        """Send a reply; after `hard_error_limit` error replies, say goodbye and close."""
+        await super().push(status)
+        first = status[:1]
+        code = first if isinstance(first, str) else first.decode("ascii", "replace")
+        if code in ("4", "5") and self.transport is not None:
+            self.errors += 1
+            if self.errors >= self.inbound.config.server.hard_error_limit:
+                log.warning("session_closed", reason="too_many_errors", client=self._client_name())
+                await super().push(replies.TOO_MANY_ERRORS)
+                self._close()
+
+    def _timeout_cb(self) -> None:
+        """Idle too long: say so with 421 4.4.2 before closing (aiosmtpd closes silently)."""
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("session_closed", reason="idle_timeout", client=self._client_name())
+            self._writer.write(replies.TIMEOUT.encode("ascii") + b"\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -135,12 +159,56 @@ class GatewaySMTP(SMTP):
             return
         await super().smtp_STARTTLS(arg)
 
-    async def smtp_AUTH(self, _arg: str) -> None:
-        """SMTP AUTH is not offered yet; before TLS it is refused as the SPEC says."""
+    async def smtp_AUTH(self, arg: str) -> None:
+        """AUTH PLAIN or LOGIN, only inside TLS (530 5.7.0 before it, as the SPEC says)."""
         if self.tls_version() is None:
             await self.push(replies.TLS_REQUIRED)
             return
-        await self.push("502 5.5.1 AUTH not available")
+        await super().smtp_AUTH(arg)
+
+    async def auth_PLAIN(self, _server: Any, args: list[str]) -> AuthResult:
+        """RFC 4616: one blob `authzid NUL authcid NUL password`, inline or after a 334."""
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await self.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push(replies.AUTH_BAD_BASE64)
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate_async("PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, _server: Any, args: list[str]) -> AuthResult:
+        """The LOGIN mechanism: user name and password each after a 334 challenge."""
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await self.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        if not isinstance(login, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate_async("LOGIN", login, password)
+
+    async def _authenticate_async(
+        self, mechanism: str, login: bytes, password: bytes
+    ) -> AuthResult:
+        if await self.inbound.authenticator.check(self.client, login, password):
+            log.info("client_authenticated", client=self._client_name(), mechanism=mechanism)
+            return AuthResult(success=True, auth_data=self._client_name())
+        log.warning("auth_failed", client=self._client_name(), mechanism=mechanism)
+        return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
 
     async def _mail_allowed(self) -> bool:
         if await self.check_helo_needed():
@@ -148,9 +216,17 @@ class GatewaySMTP(SMTP):
         if self.inbound.config.server.require_tls and self.tls_version() is None:
             await self.push(replies.TLS_REQUIRED)
             return False
-        if self.client is not None and self.client.auth_username is not None:
-            session = self.session
-            if session is None or not session.authenticated:
+        if self.client is not None:
+            transport = self.transport
+            missing = identity_missing(
+                self.client,
+                authenticated=bool(self.session and self.session.authenticated),
+                fingerprint=certificate_fingerprint(
+                    transport.get_extra_info("ssl_object") if transport else None
+                ),
+            )
+            if missing is not None:
+                log.info("sender_refused", reason=missing, client=self.client.name)
                 await self.push(replies.AUTH_REQUIRED)
                 return False
         return True
@@ -297,12 +373,17 @@ class GatewaySMTP(SMTP):
             raise
         self._set_post_data_state()
         await self.push(reply)
+        if reply is replies.TOO_SLOW:
+            self._close()
 
     async def _receive(self, ref: str, txn: Transaction, reader: DataReader, writer: Any) -> str:
         pending = bytearray()
         failed = False
         loop = asyncio.get_running_loop()
-        last_reset = loop.time()
+        started = last_reset = loop.time()
+        server = self.inbound.config.server
+        rearm_every = min(1.0, server.idle_timeout / 4)
+        received = 0
         while not reader.finished:
             try:
                 line = await self._reader.readuntil(b"\n")
@@ -312,10 +393,16 @@ class GatewaySMTP(SMTP):
                 await self._skip_rest_of_line()
                 continue
             pending += reader.feed(line)
+            received += len(line)
             now = loop.time()
-            if now - last_reset >= 1.0:
-                # idle_timeout is per line of DATA too, not for the whole upload; re-armed at
-                # most once a second to keep the per-line cost down.
+            if now - started > server.idle_timeout + received / server.min_data_rate:
+                # A trickle: slower than min_data_rate after the idle_timeout's grace.
+                await asyncio.to_thread(writer.abort)
+                log.warning("message_refused", ref=ref, reason="too_slow", client=txn.client.name)
+                return replies.TOO_SLOW
+            if now - last_reset >= rearm_every:
+                # idle_timeout is per line of DATA too, not for the whole upload; re-armed
+                # now and then rather than on every line, to keep the per-line cost down.
                 self._reset_timeout()
                 last_reset = now
             if len(pending) >= _WRITE_CHUNK:

@@ -37,8 +37,19 @@ def _harden(context: ssl.SSLContext) -> None:
     context.set_ciphers(TLS12_CIPHERS)
 
 
-def server_context(cert: Path, key: Path, *, request_client_cert: bool = False) -> ssl.SSLContext:
-    """Build the inbound (server side) context from a PEM certificate chain and key."""
+def server_context(
+    cert: Path,
+    key: Path,
+    *,
+    request_client_cert: bool = False,
+    client_ca_file: Path | None = None,
+) -> ssl.SSLContext:
+    """Build the inbound (server side) context from a PEM certificate chain and key.
+
+    With `request_client_cert`, clients are asked for a certificate (optional at the TLS
+    level); one that is presented must chain to the system store or `client_ca_file`. Which
+    client must present which certificate is checked after the handshake, by fingerprint.
+    """
     _check_readable(cert, "TLS certificate")
     _check_readable(key, "TLS key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -51,6 +62,15 @@ def server_context(cert: Path, key: Path, *, request_client_cert: bool = False) 
         raise ConfigError(problem, file=cert) from exc
     context.check_hostname = False
     context.verify_mode = ssl.CERT_OPTIONAL if request_client_cert else ssl.CERT_NONE
+    if request_client_cert:
+        context.load_default_certs(ssl.Purpose.CLIENT_AUTH)
+        if client_ca_file is not None:
+            _check_readable(client_ca_file, "client CA")
+            try:
+                context.load_verify_locations(cafile=client_ca_file)
+            except ssl.SSLError as exc:
+                problem = f"no PEM certificates found: {exc.reason or exc}"
+                raise ConfigError(problem, file=client_ca_file) from exc
     return context
 
 

@@ -77,6 +77,7 @@ def make_setup(
     on_insecure: str = "hold",
     server_extra: str = "",
     delivery_extra: str = "",
+    client_extra: str = "",
 ) -> GatewaySetup:
     """Write a complete gateway config under `root`, with keys and a trustme certificate."""
     (root / "tls").mkdir(parents=True)
@@ -122,6 +123,7 @@ path = "policies"
 
 [[clients]]
 name = "test-agency"
+{client_extra}
 networks = ["127.0.0.0/8"]
 sender_domains = ["bromley.gcsx.gov.uk", "example.org"]
 
