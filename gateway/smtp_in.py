@@ -122,9 +122,11 @@ class GatewaySMTP(SMTP):
     async def push(self, status: AnyStr) -> None:
         """Send a reply; after `hard_error_limit` error replies, say goodbye and close."""
         await super().push(status)
-        first = status[:1]
-        code = first if isinstance(first, str) else first.decode("ascii", "replace")
-        if code in ("4", "5") and self.transport is not None:
+        text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if text[:1] in ("4", "5") and self.transport is not None:
+            # Every refusal leaves a line in the operational log. Replies never carry client
+            # input beyond reason codes and domains, so the reply itself is safe to log.
+            log.info("command_refused", reply=text[:120], client=self._client_name())
             self.errors += 1
             if self.errors >= self.inbound.config.server.hard_error_limit:
                 log.warning("session_closed", reason="too_many_errors", client=self._client_name())

@@ -1,4 +1,5 @@
 import asyncio
+import datetime as dt
 import socket
 
 import pytest
@@ -324,3 +325,36 @@ async def test_restarted_receiver_gets_a_new_connection(deliverer, server_tls_co
     assert deliverer.connections_opened == 2
     assert [m.rcpt_tos for m in first.messages] == [(ALICE,)]
     assert [m.rcpt_tos for m in second.messages] == [(BOB,)]
+
+
+async def test_expired_certificate_defers(deliverer, start, ca, tmp_path):
+    """A downstream certificate past its end date is a certificate deferral, never a send."""
+    now = dt.datetime.now(dt.UTC)
+    expired = ca.issue_cert(
+        "localhost",
+        "127.0.0.1",
+        not_before=now - dt.timedelta(days=30),
+        not_after=now - dt.timedelta(days=1),
+    )
+    cert, key = tmp_path / "e-cert.pem", tmp_path / "e-key.pem"
+    expired.cert_chain_pems[0].write_to_path(cert)
+    expired.private_key_pem.write_to_path(key)
+    port, handler = await start(tls_context=tls.server_context(cert, key))
+    with pytest.raises(TemporaryDeliveryError) as info:
+        await deliverer.deliver(route_to(port), SENDER, [ALICE], MESSAGE)
+    assert info.value.kind == "certificate"
+    assert handler.messages == []
+
+
+async def test_downstream_offering_only_weak_ciphers_defers(deliverer, start, cert_files):
+    """A TLS 1.2 server with only CBC-SHA1 ciphers fails the handshake: deferred, not sent."""
+    cert, key = cert_files
+    weak = tls.ssl.SSLContext(tls.ssl.PROTOCOL_TLS_SERVER)
+    weak.load_cert_chain(cert, key)
+    weak.maximum_version = tls.ssl.TLSVersion.TLSv1_2
+    weak.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-RSA-AES128-SHA")
+    port, handler = await start(tls_context=weak)
+    with pytest.raises(TemporaryDeliveryError) as info:
+        await deliverer.deliver(route_to(port), SENDER, [ALICE], MESSAGE)
+    assert info.value.kind == "tls_handshake"
+    assert handler.messages == []
