@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG ?= config/gateway.toml
 
-.PHONY: run test lint typecheck pytest dev-setup bench clean sink
+.PHONY: run test lint typecheck pytest test-deps dev-setup bench clean sink
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy gateway
 
-pytest: $(STAMP)
+# The real-upstream test drives Debian's Postfix; install it when missing (root, as in CI).
+# "No configuration" keeps the system's own Postfix unconfigured: the test runs a private one.
+test-deps:
+	@test -x /usr/sbin/postfix || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections && \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    postfix libsasl2-modules >/dev/null; }
+
+pytest: $(STAMP) test-deps
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

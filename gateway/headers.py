@@ -106,10 +106,11 @@ def received_field(
     tls: str | None,
     ref: str,
     moment: datetime,
+    authenticated: bool = False,
 ) -> bytes:
     """The gateway's Received field (RFC 5321 section 4.4), without any recipient address."""
     helo_text = re.sub(r"[^A-Za-z0-9.\-\[\]:_]", "?", helo)[:255] or "unknown"
-    protocol = "ESMTPS" if tls else "ESMTP"
+    protocol = ("ESMTPS" if tls else "ESMTP") + ("A" if authenticated else "")  # RFC 3848
     tls_text = f" ({tls})" if tls else ""
     text = (
         f"Received: from {helo_text} ([{peer_ip}])\r\n"

@@ -22,6 +22,7 @@ AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 AUTH_BAD_BASE64 = "501 5.5.2 Cannot decode the AUTH data"
 
 # Envelope
+UNKNOWN_COMMAND = "500 5.5.2 Error: command not recognised"
 SYNTAX_MAIL = "501 5.5.4 Syntax: MAIL FROM:<address> [parameters]"
 SYNTAX_RCPT = "501 5.5.4 Syntax: RCPT TO:<address> [parameters]"
 NESTED_MAIL = "503 5.5.1 Error: nested MAIL command"

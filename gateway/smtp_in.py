@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import ssl
+import warnings
 from typing import Any, AnyStr
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult
+from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException
 
 from gateway import replies
 from gateway.addresses import Address, MailPath, parse_path
@@ -35,6 +37,12 @@ from gateway.smtp_auth import certificate_fingerprint, identity_missing
 from gateway.smtp_data import DataError, DataReader
 
 log = get_logger("smtp_in")
+
+# aiosmtpd 1.4 sets the deprecated Session.login_data itself after every successful AUTH;
+# the warning is about its own internals, not ours.
+warnings.filterwarnings(
+    "ignore", message="Session.login_data is deprecated", category=DeprecationWarning
+)
 
 _WRITE_CHUNK = 256 * 1024
 _DATA_ERROR_REPLIES = {
@@ -65,6 +73,9 @@ class GatewaySMTP(SMTP):
         if implicit_tls:
             # The whole connection is TLS: offer AUTH at once (aiosmtpd only looks for STARTTLS).
             self._auth_require_tls = False
+        # aiosmtpd keeps command length limits in a class-level dict that every EHLO raises:
+        # give each session its own, reset at each EHLO.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.inbound = inbound
         self.implicit_tls = implicit_tls
         self.errors = 0
@@ -121,8 +132,11 @@ class GatewaySMTP(SMTP):
 
     async def push(self, status: AnyStr) -> None:
         """Send a reply; after `hard_error_limit` error replies, say goodbye and close."""
-        await super().push(status)
         text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if text.startswith('500 Error: command "'):
+            # aiosmtpd echoes the unknown command back; replies never echo client input.
+            text = replies.UNKNOWN_COMMAND
+        await super().push(text)
         if text[:1] in ("4", "5") and self.transport is not None:
             # Every refusal leaves a line in the operational log. Replies never carry client
             # input beyond reason codes and domains, so the reply itself is safe to log.
@@ -146,6 +160,10 @@ class GatewaySMTP(SMTP):
 
     async def handle_exception(self, error: Exception) -> str:
         """Never echo exception text to the peer: log it and answer a fixed 451."""
+        if isinstance(error, TLSSetupException):
+            # A client that asked for STARTTLS and did not complete the handshake: its loss.
+            log.info("tls_handshake_failed", client=self._client_name(), peer=self.peer_ip)
+            return replies.INTERNAL_ERROR  # not sent: aiosmtpd closes the connection
         log.error("session_error", error_type=type(error).__name__, client=self._client_name())
         return replies.INTERNAL_ERROR
 
@@ -153,6 +171,11 @@ class GatewaySMTP(SMTP):
         return self.client.name if self.client else None
 
     # -- commands ----------------------------------------------------------------------------
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        """EHLO, with this session's command length limits reset first."""
+        self.command_size_limits.clear()
+        await super().smtp_EHLO(hostname)
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         """Refuse a second STARTTLS inside TLS; otherwise aiosmtpd's handshake."""
@@ -362,6 +385,7 @@ class GatewaySMTP(SMTP):
                 peer_ip=self.peer_ip,
                 hostname=inbound.config.server.hostname,
                 tls=self.tls_version(),
+                authenticated=bool(self.session and self.session.authenticated),
                 ref=ref,
                 moment=now,
             ),

@@ -285,3 +285,17 @@ def test_ten_thousand_tiny_fields():
         headers.field_value(section, b"subject"),
         headers.count_fields(section),
     )
+
+
+def test_received_field_says_esmtpsa_for_an_authenticated_session():
+    """RFC 3848: an authenticated TLS session is recorded as ESMTPSA."""
+    field = headers.received_field(
+        helo="agency.test",
+        peer_ip="192.0.2.1",
+        hostname="gw",
+        tls="TLSv1.3",
+        ref="SG-1",
+        moment=datetime(2026, 11, 25, tzinfo=UTC),
+        authenticated=True,
+    )
+    assert b" with ESMTPSA (TLSv1.3) id SG-1;" in field
