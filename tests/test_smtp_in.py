@@ -223,3 +223,28 @@ async def test_rcpt_parameters_are_refused(client):
     assert await client.command("RCPT TO:<lead@nhs.net> NOTIFY=NEVER") == (
         replies.PARAMETER_NOT_SUPPORTED
     )
+
+
+async def test_invalid_utf8_and_overlong_addresses_are_refused(client):
+    """Invalid UTF-8 and a 65-octet local part are refused with 553 5.1.3, never repaired."""
+    await client.send_raw(b"MAIL FROM:<duty\xff@bromley.gcsx.gov.uk> SMTPUTF8\r\n")
+    assert await client.reply() == replies.bad_address("invalid_utf8")
+    local = "a" * 65
+    assert await client.command(f"MAIL FROM:<{local}@bromley.gcsx.gov.uk>") == (
+        replies.bad_address("too_long")
+    )
+    assert await client.command(f"MAIL FROM:<{SENDER}>") == replies.SENDER_OK
+    await client.send_raw(b"RCPT TO:<lead\xc3@nhs.net>\r\n")
+    assert await client.reply() == replies.bad_address("invalid_utf8")
+
+
+async def test_overlong_command_line_is_refused(client):
+    """A command line over the RFC 5321 limit (512 octets) is refused, not executed."""
+    long_path = "<" + "a" * 60 + "@" + ("b" * 60 + ".") * 8 + "gcsx.gov.uk>"
+    assert (await client.command(f"MAIL FROM:{long_path}")).startswith("500")
+    assert await client.command("RCPT TO:<lead@nhs.net>") == replies.NEED_MAIL
+
+
+async def test_unknown_command_reply_does_not_echo_it(client):
+    """An unknown command gets a fixed 500 that does not repeat what the client sent."""
+    assert await client.command("XCANARY secret") == replies.UNKNOWN_COMMAND
