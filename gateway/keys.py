@@ -145,7 +145,13 @@ def _read_secret(path: Path) -> bytes:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError as exc:
-        raise KeyStoreError(f"{path}: missing; {_INIT_HINT}") from exc
+        siblings = [p for p in KEY_FILES if (path.parent / p).exists()]
+        hint = (
+            "restore it from the backup of the key folder (keys init never replaces keys)"
+            if siblings
+            else _INIT_HINT
+        )
+        raise KeyStoreError(f"{path}: missing; {hint}") from exc
     except OSError as exc:
         raise KeyStoreError(f"{path}: cannot open: {exc.strerror}") from exc
     with os.fdopen(fd, "rb") as file:

@@ -34,8 +34,12 @@ def _drop_personal_data(
 def configure(level: str = "info") -> None:
     """Send JSON log lines to stdout at `level`; quiet aiosmtpd's address-logging logger."""
     # aiosmtpd's `mail.log` writes every sender and recipient at INFO: never let it.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    logging.getLogger("mail.log").propagate = False
+    # Its warnings would reach stderr as plain text through logging's last-resort handler;
+    # the gateway logs every refusal itself, as JSON.
+    mail_log = logging.getLogger("mail.log")
+    mail_log.setLevel(logging.WARNING)
+    mail_log.propagate = False
+    mail_log.addHandler(logging.NullHandler())
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

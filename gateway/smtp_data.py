@@ -58,6 +58,7 @@ class DataReader:
         self._digest = hashlib.sha256()
         self._header: list[bytes] | None = []  # None once the header section is out
         self._header_size = 0
+        self._after_crlf = True  # the DATA command's own CRLF precedes the first line
 
     @property
     def digest(self) -> str:
@@ -78,10 +79,13 @@ class DataReader:
         if overlong or len(line) > MAX_LINE + line.startswith(b"."):
             self.fail(DataError.LINE_TOO_LONG)
             return b""
-        if line == END_OF_DATA:
+        if line == END_OF_DATA and self._after_crlf:
+            # Only CRLF . CRLF ends the data: a dot line after a bare LF does not, so a smuggled
+            # "end" never puts the session out of step with what the client meant.
             self.finished = True
             return self._finish()
-        if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-2] or b"\0" in line:
+        self._after_crlf = line.endswith(b"\r\n")
+        if not self._after_crlf or b"\r" in line[:-2] or b"\n" in line[:-2] or b"\0" in line:
             self.fail(DataError.SMUGGLING)
             return b""
         if line.startswith(b"."):

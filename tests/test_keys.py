@@ -78,10 +78,16 @@ def test_load_refuses_group_readable_secret(tmp_path, name):
 
 @pytest.mark.parametrize("name", SECRET_FILES)
 def test_load_refuses_missing_file(tmp_path, name):
-    """A missing key file is named, with the command that creates keys."""
+    """One key missing beside the others is named, with the advice to restore it."""
     init_keys(tmp_path)
     (tmp_path / name).unlink()
-    with pytest.raises(KeyStoreError, match=rf"{name}: missing; run `gateway keys init`"):
+    with pytest.raises(KeyStoreError, match=rf"{name}: missing; restore it from the backup"):
+        load_keys(tmp_path)
+
+
+def test_load_of_an_empty_key_folder_says_to_run_keys_init(tmp_path):
+    """With no keys at all, the error names the command that creates them."""
+    with pytest.raises(KeyStoreError, match=r"missing; run `gateway keys init`"):
         load_keys(tmp_path)
 
 

@@ -162,9 +162,9 @@ def test_smuggling_in_header_releases_nothing():
 def test_dot_lf_is_not_end_of_data():
     """`.` followed by a bare LF does not end the data; only CRLF . CRLF does."""
     reader = _reader()
-    _feed(reader, [b"\r\n", b".\n"])
+    _feed(reader, [b"\r\n", b".\n", END])
     before = reader.finished
-    reader.feed(END)
+    _feed(reader, [b"\r\n", END])
     expected = (False, True, DataError.SMUGGLING)
     assert expected == (before, reader.finished, reader.error)
 
@@ -315,8 +315,10 @@ def test_line_ending_in_bare_lf_is_smuggling(lines, text):
     _feed(reader, [_stuff(line) + b"\r\n" for line in lines])
     reader.feed(text + b"\n")
     reader.feed(END)
-    expected = (DataError.SMUGGLING, True)
-    assert expected == (reader.error, reader.finished)
+    still_open = not reader.finished
+    _feed(reader, [b"\r\n", END])
+    expected = (DataError.SMUGGLING, True, True)
+    assert expected == (reader.error, reader.finished, still_open)
 
 
 @given(
@@ -326,9 +328,19 @@ def test_line_ending_in_bare_lf_is_smuggling(lines, text):
 def test_reader_never_raises(lines, max_size):
     """Arbitrary lines never make the reader raise, and CRLF . CRLF always ends it."""
     reader = DataReader(max_size=max_size, max_header_size=2000, max_header_fields=10)
-    _feed(reader, [*lines, END])
+    _feed(reader, [*lines, b"\r\n", END])
     expected = (True, True)
     assert expected == (
         reader.finished,
         reader.error is None or isinstance(reader.error, DataError),
     )
+
+
+def test_dot_line_after_a_bare_lf_does_not_end_the_data():
+    """Only CRLF . CRLF ends DATA: after a bare LF a dot line is just more (refused) data."""
+    reader = DataReader(max_size=10_000)
+    for line in (b"Subject: x\r\n", b"\r\n", b"hello\n", b".\r\n", b"MAIL FROM:<a@b.c>\r\n"):
+        reader.feed(line)
+    assert (reader.finished, reader.error) == (False, DataError.SMUGGLING)
+    reader.feed(b".\r\n")
+    assert reader.finished
