@@ -48,6 +48,7 @@ class ServerConfig:
     idle_timeout: int
     max_connections_per_address: int
     min_data_rate: int
+    max_data_time: int
     hard_error_limit: int
     client_ca_file: Path | None
 
@@ -207,6 +208,7 @@ def _server(table: tomlfile.Table, base: Path) -> ServerConfig:
         idle_timeout=table.integer("idle_timeout", 60, minimum=1),
         max_connections_per_address=table.integer("max_connections_per_address", 50, minimum=1),
         min_data_rate=table.integer("min_data_rate", 500, minimum=1),
+        max_data_time=table.integer("max_data_time", 900, minimum=1),
         hard_error_limit=table.integer("hard_error_limit", 20, minimum=1),
         client_ca_file=_optional_path(table, "client_ca_file", base),
     )

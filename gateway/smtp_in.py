@@ -421,8 +421,13 @@ class GatewaySMTP(SMTP):
             pending += reader.feed(line)
             received += len(line)
             now = loop.time()
-            if now - started > server.idle_timeout + received / server.min_data_rate:
-                # A trickle: slower than min_data_rate after the idle_timeout's grace.
+            elapsed = now - started
+            if (
+                elapsed > server.idle_timeout + received / server.min_data_rate
+                or elapsed > server.max_data_time
+            ):
+                # A trickle (slower than min_data_rate after the idle_timeout's grace), or an
+                # upload past the overall DATA time limit.
                 await asyncio.to_thread(writer.abort)
                 log.warning("message_refused", ref=ref, reason="too_slow", client=txn.client.name)
                 return replies.TOO_SLOW

@@ -252,3 +252,31 @@ async def test_idle_client_gets_421_then_the_close(tmp_path, ca, receiver):
         assert await raw.reply() == replies.TIMEOUT
         assert await raw.reader.read() == b""
         await raw.close()
+
+
+async def test_data_past_the_overall_time_limit_is_cut_off(tmp_path, ca, receiver):
+    """Even at a good rate, DATA longer than max_data_time is cut with 421 4.4.2."""
+    port, _ = receiver
+    setup = make_setup(
+        tmp_path,
+        ca,
+        receiver_port=port,
+        server_extra="idle_timeout = 5\nmin_data_rate = 1\nmax_data_time = 1",
+    )
+    async with running_gateway(setup) as (_daemon, smtp_port):
+        raw = await RawClient.connect(smtp_port)
+        await raw.reply()
+        await raw.starttls(setup.client_context)
+        await raw.command(f"MAIL FROM:<{SENDER}>")
+        await raw.command("RCPT TO:<lead@nhs.net>")
+        assert (await raw.command("DATA")).startswith("354")
+        reply = b""
+        async with asyncio.timeout(15):
+            while not reply:
+                await raw.send_raw(b"y" * 500 + b"\r\n")
+                try:
+                    reply = await asyncio.wait_for(raw.reader.readline(), 0.1)
+                except TimeoutError:
+                    continue
+        assert reply.decode().rstrip() == replies.TOO_SLOW
+        await raw.close()
