@@ -109,17 +109,38 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The `[audit]` table: where the transfer log lives, how it is sealed and rotated."""
+
+    path: Path
+    checkpoint_every: int  # records between signed checkpoints
+    checkpoint_interval: int  # seconds: a checkpoint at least this often (SPEC: hourly)
+    rotate: str  # "daily" | "size" | "never"
+    rotate_size: int  # bytes, for rotate = "size"
+    retain_days: int  # whole files older than this are removed; 0 keeps everything
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    """The `[dkim]` table: the signature that proves a released message passed the gateway."""
+
+    enabled: bool
+    domain: str  # d= of the signature
+    selector: str  # s= of the signature
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon config."""
 
     file: Path
     server: ServerConfig
     spool_path: Path
-    audit_path: Path
-    checkpoint_every: int
+    audit: AuditConfig
     keys_path: Path
     policy_path: Path
     hold_max_age: int
+    dkim: DkimConfig
     clients: tuple[Client, ...]
     delivery: DeliveryConfig
     notices_enabled: bool
@@ -127,6 +148,11 @@ class Config:
     metrics_listen: str
     control_socket: Path
     log_level: str
+
+    @property
+    def audit_path(self) -> Path:
+        """The transfer log's folder."""
+        return self.audit.path
 
     def client_for(self, address: str) -> Client | None:
         """The first client whose networks contain the IP `address`, or None."""
@@ -320,6 +346,7 @@ def parse(root: tomlfile.Table, base: Path) -> Config:
     metrics = root.table("metrics")
     control = root.table("control")
     logging = root.table("logging")
+    dkim = root.table("dkim")
     client_tables = list(root.tables("clients"))
     clients = tuple(_client(t) for t in client_tables)
     names: set[str] = set()
@@ -331,8 +358,19 @@ def parse(root: tomlfile.Table, base: Path) -> Config:
         file=root.locator.file,
         server=server,
         spool_path=_path(spool, "path", base),
-        audit_path=_path(audit, "path", base),
-        checkpoint_every=audit.integer("checkpoint_every", 1000, minimum=1),
+        audit=AuditConfig(
+            path=_path(audit, "path", base),
+            checkpoint_every=audit.integer("checkpoint_every", 1000, minimum=1),
+            checkpoint_interval=audit.integer("checkpoint_interval", 3600, minimum=1),
+            rotate=audit.string("rotate", "daily", choices=("daily", "size", "never")),
+            rotate_size=audit.integer("rotate_size", 100 * 1024 * 1024, minimum=4096),
+            retain_days=audit.integer("retain_days", 0, minimum=0),
+        ),
+        dkim=DkimConfig(
+            enabled=dkim.boolean("enabled", default=True),
+            domain=_domain(dkim, "domain", dkim.string("domain", server.hostname)),
+            selector=dkim.string("selector", "gateway"),
+        ),
         keys_path=_path(keys, "path", base),
         policy_path=_path(policy, "path", base),
         hold_max_age=hold.integer("max_age", 604_800, minimum=1),
@@ -344,7 +382,7 @@ def parse(root: tomlfile.Table, base: Path) -> Config:
         control_socket=_path(control, "socket", base, "/run/gateway/control.sock"),
         log_level=logging.string("level", "info", choices=("debug", "info", "warning", "error")),
     )
-    for table in (spool, audit, keys, policy, hold, notices, metrics, control, logging):
+    for table in (spool, audit, keys, policy, hold, notices, metrics, control, logging, dkim):
         table.finish()
     root.finish()
     return config

@@ -90,7 +90,7 @@ def test_minimal_config_gives_spec_defaults(tmp_path):
         loaded.delivery.retry_schedule,
         loaded.delivery.max_queue_lifetime,
         loaded.hold_max_age,
-        loaded.checkpoint_every,
+        loaded.audit.checkpoint_every,
         loaded.delivery.mode,
         loaded.delivery.min_tls_version,
         loaded.delivery.routes,
