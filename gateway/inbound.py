@@ -178,6 +178,7 @@ class Inbound:
         size: int,
         digest: str,
         marking: str | None,
+        purpose_header: bytes | None = None,
     ) -> str:
         """Decide, make the message and its record durable, and return the SMTP reply."""
         policy = self.policy()
@@ -207,7 +208,7 @@ class Inbound:
             digest=digest,
             size=size,
             marking=marking,
-            purpose=None,
+            purpose=policy.purpose(purpose_header),
         )
         try:
             await self.audit.append(event)

@@ -18,6 +18,9 @@ affects decisions (notes, provenance, `broad` and file positions do not):
                sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 encoded as UTF-8.
+
+`[defaults] purposes` is the vocabulary of sharing purposes (`X-Sharing-Purpose`) that may be
+recorded in the transfer log. It affects no decision, so it is not part of the version.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ class OnInsecure(StrEnum):
 
     HOLD = "hold"
     REJECT = "reject"
+
+
+UNLISTED_PURPOSE = "unlisted"
+_PURPOSE = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,7 @@ class Policy:
     entries: tuple[SecureDomain, ...]
     on_insecure: OnInsecure
     version: str
+    purposes: frozenset[str] = frozenset()
     _index: dict[tuple[str, bool], SecureDomain] = field(
         init=False, repr=False, compare=False, hash=False
     )
@@ -134,6 +142,17 @@ class Policy:
                 return DomainVerdict(name, secure=False, rule=entry.rule, reason=ENTRY_EXPIRED)
             return DomainVerdict(name, secure=True, rule=entry.rule, reason=None)
         return DomainVerdict(name, secure=False, rule=None, reason=INSECURE_DOMAIN)
+
+    def purpose(self, header_value: bytes | None) -> str | None:
+        """The sharing purpose to record for an `X-Sharing-Purpose` value.
+
+        Only a word of the policy's vocabulary is ever recorded; any other value (free text
+        may name a person) is recorded as `unlisted`, and no header as nothing.
+        """
+        if header_value is None:
+            return None
+        word = header_value.strip().lower().decode("ascii", "replace")
+        return word if word in self.purposes else UNLISTED_PURPOSE
 
     def warnings(self, today: dt.date) -> tuple[str, ...]:
         """Things an admin should know that do not make the policy invalid."""
@@ -236,6 +255,7 @@ def load_policy(path: Path) -> Policy:
 def _parse(sources: Sequence[tuple[Path, str]]) -> Policy:
     on_insecure = OnInsecure.HOLD
     defaults_at: str | None = None
+    purposes: frozenset[str] = frozenset()
     entries: dict[str, SecureDomain] = {}
     for file, text in sources:
         root = tomlfile.parse_text(text, file)
@@ -248,6 +268,12 @@ def _parse(sources: Sequence[tuple[Path, str]]) -> Policy:
             on_insecure = OnInsecure(
                 defaults.string("on_insecure", "hold", choices=tuple(OnInsecure))
             )
+            purposes = frozenset(defaults.strings("purposes", []))
+            for word in purposes:
+                if not _PURPOSE.fullmatch(word):
+                    raise defaults.error(
+                        "purposes", f'"{word}" is not a purpose word (a-z, 0-9, _ and -, 1-64)'
+                    )
             defaults.finish()
         for table in root.tables("secure_domains"):
             entry = _entry(table, file)
@@ -260,7 +286,7 @@ def _parse(sources: Sequence[tuple[Path, str]]) -> Policy:
         root.finish()
     ordered = tuple(entries.values())
     version = hashlib.sha256(canonical_form(ordered, on_insecure)).hexdigest()
-    return Policy(entries=ordered, on_insecure=on_insecure, version=version)
+    return Policy(entries=ordered, on_insecure=on_insecure, version=version, purposes=purposes)
 
 
 def _entry(table: tomlfile.Table, file: Path) -> SecureDomain:

@@ -54,6 +54,7 @@ class DataReader:
         self.finished = False
         self.size = 0  # bytes of the message as received (after dot-unstuffing)
         self.marking: str | None = None
+        self.purpose_header: bytes | None = None  # raw X-Sharing-Purpose, capped; never logged
         self.removed_fields = 0
         self._digest = hashlib.sha256()
         self._header: list[bytes] | None = []  # None once the header section is out
@@ -112,6 +113,8 @@ class DataReader:
         self._header = None
         cleaned, self.removed_fields = headers.remove_fields(section)
         self.marking = headers.protective_marking(headers.field_value(section, b"subject"))
+        purpose = headers.field_value(section, b"x-sharing-purpose")
+        self.purpose_header = purpose[:100] if purpose is not None else None
         return self.prefix + cleaned + body_start
 
     def _finish(self) -> bytes:

@@ -460,7 +460,13 @@ class GatewaySMTP(SMTP):
             await asyncio.to_thread(writer.abort)
             return replies.SPOOL_FAILED
         return await self.inbound.accept(
-            ref, txn, writer, size=reader.size, digest=reader.digest, marking=reader.marking
+            ref,
+            txn,
+            writer,
+            size=reader.size,
+            digest=reader.digest,
+            marking=reader.marking,
+            purpose_header=reader.purpose_header,
         )
 
     async def _skip_rest_of_line(self) -> None:

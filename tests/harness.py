@@ -30,6 +30,7 @@ from gateway.keys import init_keys
 DEFAULT_POLICY = """
 [defaults]
 on_insecure = "{on_insecure}"
+purposes = ["child_protection", "early_help"]
 
 [[secure_domains]]
 domain = "gcsx.gov.uk"

@@ -297,3 +297,33 @@ async def test_recipients_whose_routes_share_a_server_go_in_one_transaction(tmp_
     assert len(delivered) == 1
     assert delivered[0]["ref"] == ref
     assert len(delivered[0]["recipients"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("header", "recorded"),
+    [
+        (b"X-Sharing-Purpose: Child_Protection\r\n", "child_protection"),
+        (b"X-Sharing-Purpose: about canaryperson at home\r\n", "unlisted"),
+        (b"", None),
+    ],
+)
+async def test_sharing_purpose_is_recorded_only_from_the_vocabulary(
+    tmp_path, ca, receiver, header, recorded
+):
+    """A purpose from the policy's vocabulary is recorded; any other text only as unlisted."""
+    port, _handler = receiver
+    setup = make_setup(tmp_path, ca, receiver_port=port)
+    async with running_gateway(setup) as (_daemon, smtp_port):
+        seen = await asyncio.to_thread(
+            smtp_send,
+            smtp_port,
+            setup.client_context,
+            SENDER,
+            ["lead@nhs.net"],
+            message(extra=header),
+        )
+        assert seen.code("data") == 250
+    accepted = next(r for r in read_records(setup.config.audit_path) if r["event"] == "accepted")
+    assert accepted.get("purpose") == recorded
+    audit_text = "".join(p.read_text() for p in (setup.root / "audit").iterdir() if p.is_file())
+    assert "canaryperson" not in audit_text

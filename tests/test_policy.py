@@ -388,3 +388,24 @@ def test_classify_never_fails(text):
         assert verdict.domain.isascii()
         assert verdict.domain == text.lower()
         assert not verdict.domain.endswith(".")
+
+
+def test_purposes_vocabulary_maps_header_values():
+    """Only vocabulary words are returned; other text is 'unlisted'; no header is None."""
+    policy = parse_policy(
+        [
+            (
+                Path("p.toml"),
+                '[defaults]\npurposes = ["early_help"]\n[[secure_domains]]\ndomain = "nhs.net"\n',
+            )
+        ]
+    )
+    assert policy.purpose(b" Early_Help ") == "early_help"
+    assert policy.purpose(b"Jane Smith referral") == "unlisted"
+    assert policy.purpose(None) is None
+
+
+def test_bad_purpose_word_names_file_and_line():
+    """A purpose that is not a plain word is refused at its line."""
+    with pytest.raises(PolicyError, match=r"p\.toml:2: defaults\.purposes"):
+        parse_policy([(Path("p.toml"), '[defaults]\npurposes = ["Early Help"]\n')])
