@@ -227,6 +227,21 @@ def cmd_audit_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- reload ----------------------------------------------------------------------------------
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the running daemon to load its client list and policy again (as SIGHUP does)."""
+    from gateway.control import request  # noqa: PLC0415
+
+    config = _load_config(args)
+    result = request(config.control_socket, "reload")
+    sys.stdout.write(
+        f"reloaded: policy {str(result['policy'])[:16]}, {result['clients']} clients\n"
+    )
+    return EXIT_OK
+
+
 # -- parser ----------------------------------------------------------------------------------
 
 
@@ -246,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     add(sub, "serve", cmd_serve, "run the daemon")
+    add(sub, "reload", cmd_reload, "reload client list and policy in the running daemon")
     keys = sub.add_parser("keys", help="key management").add_subparsers(
         dest="action", required=True, parser_class=_Parser
     )

@@ -9,6 +9,8 @@ close the audit log. SIGHUP reloads the policy; an invalid policy leaves the old
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import signal
 import ssl
@@ -18,6 +20,8 @@ from datetime import UTC, datetime
 from gateway import records, tls
 from gateway.audit import AuditLog
 from gateway.config import Config, ListenAddress
+from gateway.config import load as load_config
+from gateway.control import ControlServer
 from gateway.delivery import Deliverer
 from gateway.errors import ConfigError, GatewayError
 from gateway.inbound import Inbound
@@ -55,6 +59,9 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.ready = asyncio.Event()
         self.servers: list[asyncio.Server] = []
+        self.inbound: Inbound | None = None
+        self._background: set[asyncio.Task[object]] = set()
+        self.control = ControlServer(config.control_socket, {"reload": self._control_reload})
 
     async def run(self) -> None:
         """Start everything, serve until asked to stop, then stop everything."""
@@ -110,7 +117,7 @@ class Daemon:
         )
         recovered = await worker.recover()
         worker.start()
-        inbound = Inbound(
+        inbound = self.inbound = Inbound(
             config=config,
             policy=self.policy,
             spool=self.spool,
@@ -121,9 +128,12 @@ class Daemon:
         loop = asyncio.get_running_loop()
         try:
             await self._listen(inbound, server_context)
+            await self._start_control()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stopping.set)
-            loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+            loop.add_signal_handler(
+                signal.SIGHUP, lambda: self._keep(loop.create_task(self._reload_from_signal()))
+            )
             log.info(
                 "daemon_started",
                 listen=[address for s in self.servers for address in self._bound(s)],
@@ -142,6 +152,7 @@ class Daemon:
                 server.close()
             for server in self.servers:
                 await server.wait_closed()
+            await self.control.close()
             await worker.stop()
         log.info("daemon_stopped")
 
@@ -172,6 +183,26 @@ class Daemon:
                 ) from exc
             self.servers.append(server)
 
+    async def _start_control(self) -> None:
+        try:
+            await self.control.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot make the control socket {self.config.control_socket}: "
+                f"{exc.strerror or exc}",
+                file=self.config.file,
+                key="control.socket",
+            ) from exc
+
+    async def _control_reload(self, _request: dict[str, object], actor: str) -> object:
+        log.info("reload_requested", actor=actor)
+        return await self.reload()
+
+    def _keep(self, task: asyncio.Task[object]) -> None:
+        """Hold a reference to a background task until it ends."""
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     @staticmethod
     def _bound(server: asyncio.Server) -> list[str]:
         found = []
@@ -180,19 +211,33 @@ class Daemon:
             found.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         return found
 
-    async def reload(self) -> None:
-        """Load the policy again; keep the old one in force if the new one is invalid."""
+    async def reload(self) -> dict[str, object]:
+        """Load the client list and the policy again and swap both at once.
+
+        If either file is invalid, the old configuration stays in force, the refusal is
+        recorded (`policy_rejected`) and the error is raised for the CLI to show.
+        Sessions already connected keep the client they were matched to.
+        """
         try:
-            policy = await asyncio.to_thread(load_policy, self.config.policy_path)
+            config = await asyncio.to_thread(load_config, self.config.file)
+            policy = await asyncio.to_thread(load_policy, config.policy_path)
         except GatewayError as exc:
             log.error("policy_rejected", error=str(exc))  # noqa: TRY400  (one line, no traceback)
             await self.audit.append(records.policy_rejected(error=str(exc)))
-            return
+            raise
+        self.config = dataclasses.replace(self.config, clients=config.clients)
+        if self.inbound is not None:
+            self.inbound.config = self.config
         self.policy.current = policy
         await self.audit.append(
             records.policy_loaded(policy=policy.version, source=str(self.config.policy_path))
         )
-        log.info("policy_loaded", policy=policy.short_version)
+        log.info("policy_loaded", policy=policy.short_version, clients=len(config.clients))
+        return {"policy": policy.version, "clients": len(config.clients)}
+
+    async def _reload_from_signal(self) -> None:
+        with contextlib.suppress(GatewayError):  # recorded and logged by reload()
+            await self.reload()
 
 
 def serve(config: Config) -> None:

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import ssl
 
 import pytest
 import trustme
 
 from gateway import tls
+from tests.harness import CONTROL_DIRS
 from tests.receiver import start_receiver, stop_receiver
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_control_dirs():
+    """Remove the short control-socket folders the harness made."""
+    yield
+    for folder in CONTROL_DIRS:
+        shutil.rmtree(folder, ignore_errors=True)
+
 
 # aiosmtpd logs every sender and recipient at INFO.
 logging.getLogger("mail.log").setLevel(logging.WARNING)

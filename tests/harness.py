@@ -16,6 +16,7 @@ import smtplib
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ import trustme
 from gateway import config as config_module
 from gateway.daemon import Daemon
 from gateway.keys import init_keys
+
+# Short-lived folders for control sockets, removed when the test session ends (conftest).
+CONTROL_DIRS: list[str] = []
 
 DEFAULT_POLICY = """
 [defaults]
@@ -102,6 +106,8 @@ tls_name = "{tls_name}"
             ("pnn.police.uk", "true"),
         )
     )
+    control_dir = tempfile.mkdtemp(prefix="gw-")
+    CONTROL_DIRS.append(control_dir)
     config_text = f"""
 [server]
 hostname = "gateway.test"
@@ -122,6 +128,9 @@ path = "keys"
 [policy]
 path = "policies"
 
+[control]
+socket = "{control_dir}/control.sock"
+
 [[clients]]
 name = "test-agency"
 {client_extra}
@@ -135,6 +144,7 @@ retry_schedule = [1, 2]
 {routes}
 """
     (root / "gateway.toml").write_text(config_text)
+    # Unix socket paths are limited to 108 bytes: pytest's tmp_path can be longer.
     init_keys(root / "keys")
     client_context = ssl.create_default_context(cafile=str(root / "tls" / "ca.pem"))
     setup = GatewaySetup(root, root / "gateway.toml", root / "tls" / "ca.pem", client_context)
