@@ -17,7 +17,8 @@ from typing import Any
 from gateway.errors import SpoolCorruptError
 
 REF_PATTERN = re.compile(r"SG-[0-9A-HJKMNP-TV-Z]{26}")
-_FORMAT = 1
+_FORMAT = 2  # 2 added `notice`; entries of format 1 are read with notice = false
+_OLD_FORMATS = {1: {"notice": False}}
 
 
 class State(StrEnum):
@@ -64,10 +65,23 @@ class QueueEntry:
     next_attempt: datetime | None = None
     last_error: str | None = None
     revision: int = 0
+    notice: bool = False  # a notice to a sender: sent from <>, not subject to the policy
 
     def pending(self) -> tuple[Recipient, ...]:
         """Return the recipients not yet delivered, bounced or dropped."""
         return tuple(r for r in self.recipients if r.status == "pending")
+
+    def summary(self) -> dict[str, Any]:
+        """What `gateway queue list` shows: no content, no address, only domains and codes."""
+        return {
+            "ref": self.ref,
+            "state": str(self.state),
+            "received": self.received.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "sender_domain": self.sender_domain,
+            "recipient_domains": sorted({r.domain for r in self.pending()}),
+            "reasons": list(self.reasons),
+            "notice": self.notice,
+        }
 
     def to_json(self) -> bytes:
         """Serialise to canonical JSON bytes."""
@@ -83,7 +97,10 @@ class QueueEntry:
         """Parse `to_json` output strictly; anything unexpected is `SpoolCorruptError`."""
         try:
             raw = json.loads(data)
-            if not isinstance(raw, dict) or raw.pop("format", None) != _FORMAT:
+            version = raw.pop("format", None) if isinstance(raw, dict) else None
+            if version in _OLD_FORMATS:
+                raw = _OLD_FORMATS[version] | raw
+            elif version != _FORMAT:
                 raise _bad("not a queue entry of a known format")
             entry = cls(**_fields(cls, raw))
         except (ValueError, TypeError) as exc:  # JSON, enum and time errors

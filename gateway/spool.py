@@ -26,7 +26,7 @@ import contextlib
 import hashlib
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
@@ -205,6 +205,7 @@ class Staged:
     msg_tmp: Path
     meta_tmp: Path
     meta: Path
+    entry: QueueEntry
 
 
 class Spool:
@@ -216,6 +217,8 @@ class Spool:
         self.root = root
         self._key = spool_key
         self.tmp, self.data = root / "tmp", root / "data"
+        # Called with (ref, entry) after a publish or save, (ref, None) after a remove.
+        self.observers: list[Callable[[str, QueueEntry | None], None]] = []
 
     def _meta(self, ref: str, state: State) -> Path:
         return self.root / state.value / f"{ref}.meta"
@@ -305,7 +308,7 @@ class Spool:
             writer.abort()
             _unlink_quietly(meta_tmp)
             raise SpoolError(f"cannot commit {ref} to the spool: {exc.strerror}") from exc
-        return Staged(ref, writer.path, meta_tmp, self._meta(ref, entry.state))
+        return Staged(ref, writer.path, meta_tmp, self._meta(ref, entry.state), entry)
 
     def publish(self, staged: Staged) -> None:
         """Second half of a commit: rename into data/ and the state folder, fsync folders."""
@@ -324,6 +327,7 @@ class Spool:
                 with contextlib.suppress(OSError):
                     _fsync_dir(folder)
             raise SpoolError(f"cannot commit {staged.ref} to the spool: {exc.strerror}") from exc
+        self._changed(staged.ref, staged.entry)
 
     def discard(self, staged: Staged) -> None:
         """Drop a staged message that will not be published."""
@@ -364,6 +368,7 @@ class Spool:
         except OSError as exc:
             _unlink_quietly(meta_tmp)
             raise SpoolError(f"cannot save {entry.ref}: {exc.strerror}") from exc
+        self._changed(saved.ref, saved)
         return saved
 
     def _find(self, ref: str) -> list[State]:
@@ -443,3 +448,9 @@ class Spool:
             _fsync_dir(self.data)
         except OSError as exc:
             raise SpoolError(f"cannot remove {ref}: {exc.strerror}") from exc
+        self._changed(ref, None)
+
+    def _changed(self, ref: str, entry: QueueEntry | None) -> None:
+        """Tell each observer (e.g. the daemon's queue index) that `ref` changed or left."""
+        for observer in self.observers:
+            observer(ref, entry)

@@ -332,7 +332,7 @@ def test_queue_entry_json_round_trip():
         lambda raw: raw.replace(b'"status":"pending"', b'"status":"lost"'),
         lambda raw: raw.replace(b'"state":"active"', b'"state":"gone"'),
         lambda raw: raw.replace(b"+00:00", b""),
-        lambda raw: raw.replace(b'"format":1', b'"format":2'),
+        lambda raw: raw.replace(b'"format":2', b'"format":3'),
         lambda raw: raw[:-1],
     ],
 )
@@ -444,3 +444,11 @@ def test_a_crash_between_stage_and_publish_leaves_only_what_prepare_removes(spoo
     notes = restarted.prepare(process_start=time.time() + 1)
     assert files(restarted) == []
     assert len(notes) == 2
+
+
+def test_entry_of_format_1_is_read_as_a_message_not_a_notice():
+    """An entry written before notices existed (format 1) still loads, as an ordinary message."""
+    entry = make_entry(make_ref(950))
+    raw = entry.to_json().replace(b'"format":2', b'"format":1').replace(b'"notice":false,', b"")
+    assert b"notice" not in raw
+    assert QueueEntry.from_json(raw) == entry
