@@ -1,135 +1,198 @@
-"""The transfer log (SPEC section 6): one writer, canonical JSON lines, a SHA-256 hash chain.
+"""The transfer log's single writer (SPEC section 6): hash chain, signed checkpoints, rotation.
 
-File: `<folder>/transfer.jsonl` (named in `current_file` only, so rotation can come later),
-one record per line, each ending in a line feed. A record's keys are, in this order: `seq`
-(1, 2, 3... no gaps), `ts` (RFC 3339 UTC with milliseconds), `event`, `prev` (SHA-256 hex of
-the previous record's line, its exact bytes without the line feed; 64 zeros for the first),
-`ref` when the record is about a message, then the event's fields (`gateway.records`).
+Records and files are described in `gateway.audit_files`, verification in `gateway.audit_verify`.
 
-Canonical line: `json.dumps(record, ensure_ascii=True, separators=(",", ":"))` encoded as ASCII,
-keys NOT sorted: the fixed order above is the canonical order. A verifier re-encodes each parsed
-line and requires the same bytes.
+One writer: `AuditLog` owns a thread that alone writes the log. `append()` puts a plain dict on a
+`queue.SimpleQueue` and awaits a future. The thread takes everything queued, numbers and chains
+it, writes all lines with one `write`, calls one `os.fdatasync` (group commit), and only then
+resolves the callers' futures through `loop.call_soon_threadsafe`. Input `(ticket, body dict)`
+and output `(ticket, record or None, error or None)` are serialisable, so the thread can become
+a process behind a pipe without changing callers. After a failed write or fsync the writer never
+writes again (fsyncgate): every later append raises `AuditError` until a restart.
 
-One writer: `AuditLog` owns a thread that alone writes the file. `append()` puts a plain dict
-on a `queue.SimpleQueue` (its `put` never blocks the event loop) and awaits a future. The thread
-takes everything queued, numbers and chains it, writes all lines with one `write`, calls one
-`os.fdatasync` (group commit), and only then resolves the callers' futures through
-`loop.call_soon_threadsafe`. The thread's input is `(ticket, body dict)` and its output
-`(ticket, record or None, error or None)`: both serialisable, so the thread can become a separate
-process behind a pipe without changing callers. After a failed write or fdatasync the writer
-never writes again (fsyncgate): every later append raises `AuditError` until a restart, whose
-`start()` re-reads the tail. A torn last line (crash mid-write) is never rewritten: `start()`
-terminates it with a line feed and chains on from the last complete valid line; readers then report
-that line by position (issue 5 will seal such lines with a record of their own).
+Checkpoints (with a signing key): the thread itself writes a `checkpoint` record after every
+`checkpoint_every` other records (inside the batch), when a record has waited unsealed for
+`checkpoint_interval` seconds (it wakes up for this even when nothing is appended), before a
+rotation, after a crash repair, and at close. `head` is the hash of the record before it
+(equal to its `prev`), `key_id` the first 16 hex digits of SHA-256 of the raw public key, and
+`sig`, always the last field, the hex Ed25519 signature of the checkpoint's canonical line
+without `sig`. After each checkpoint is durable the writer replaces `head.json` with its line.
+
+Rotation ("daily": the UTC date of a batch differs from the current file's first record;
+"size": the current file reached `rotate_size`) happens at a batch boundary, right after a
+checkpoint, so every closed file ends with a signed checkpoint; the chain runs on across files.
+Retention (`retain_days` > 0), at start and after each rotation: whole closed files whose last
+record is older are removed, oldest first, after `anchor.json` receives the last line of the
+newest of them.
+
+Crash repair, at start: bytes after the last complete record of the current file (a torn line,
+left by a crash mid-write) are never rewritten. The writer ends them with a line feed if needed
+and writes `log_repaired` (`torn_bytes`, `torn_sha256` of those bytes, without the added line
+feed) chained from the last complete record, then a checkpoint. A last record that is whole but
+for its line feed is kept: the writer only adds the line feed. A failed retention pass does not
+stop the log: `retention_error` says why, and it is tried again after the next rotation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
-import hashlib
 import itertools
-import json
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway import records
+from gateway.audit_files import (
+    GENESIS,
+    HEAD_NAME,
+    adopt_legacy,
+    canonical_line,
+    count_unsealed,
+    file_name,
+    find_tail,
+    first_record,
+    format_ts,
+    fsync_folder,
+    key_id_of,
+    line_hash,
+    lock_folder,
+    log_files,
+    read_records,
+    records_for,
+    remove_expired,
+    replace_atomically,
+    write_all,
+)
+from gateway.audit_verify import verify
 from gateway.errors import AuditError, AuditIntegrityError
 from gateway.records import AuditEvent
 
-GENESIS = "0" * 64
-LOG_NAME = "transfer.jsonl"
-HEAD_KEYS = ("seq", "ts", "event", "prev")
+__all__ = [
+    "GENESIS",
+    "AuditLog",
+    "canonical_line",
+    "format_ts",
+    "key_id_of",
+    "line_hash",
+    "log_files",
+    "read_records",
+    "records_for",
+    "verify_chain",
+]
+
 MAX_BATCH = 4096  # records per write: bounds memory and the latency of the first in a batch
-_TAIL_CHUNK = 65536
+ROTATIONS = ("never", "daily", "size")
 
 Request = tuple[int, dict[str, Any]]  # (ticket, event body), the writer's input
 Outcome = tuple[int, dict[str, Any] | None, str | None]  # (ticket, record, error), its output
-
-
-def current_file(folder: Path) -> Path:
-    """Return the file new records go to (the one place that names it)."""
-    return folder / LOG_NAME
-
-
-def log_files(folder: Path) -> list[Path]:
-    """Return the log's files, oldest first (today only the current one, once it exists)."""
-    if not folder.is_dir():
-        raise AuditError(f"{folder}: no transfer log folder")
-    path = current_file(folder)
-    return [path] if path.exists() else []
-
-
-def canonical_line(record: dict[str, Any]) -> bytes:
-    """Return a record's canonical line (no line feed): compact ASCII JSON, keys as given."""
-    text = json.dumps(record, ensure_ascii=True, separators=(",", ":"), allow_nan=False)
-    return text.encode("ascii")
-
-
-def line_hash(line: bytes) -> str:
-    """Return the SHA-256 hex digest of a line: the next record's `prev`."""
-    return hashlib.sha256(line).hexdigest()
-
-
-def format_ts(moment: datetime) -> str:
-    """Render an aware datetime as RFC 3339 UTC with milliseconds, e.g. 2026-11-25T03:42:30.123Z."""
-    if moment.tzinfo is None:
-        raise ValueError("the audit clock must return an aware datetime")
-    utc = moment.astimezone(UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S") + f".{utc.microsecond // 1000:03d}Z"
 
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _parse(line: bytes) -> dict[str, Any] | None:
-    """Return the record on a line, or None when the line is not one."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or tuple(record)[: len(HEAD_KEYS)] != HEAD_KEYS:
-        return None
-    seq = record["seq"]
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
-        return None
-    return record
+def _record_line(
+    seq: int, ts: str, prev: str, body: dict[str, Any]
+) -> tuple[dict[str, Any], bytes]:
+    """Number, stamp and chain an event body; ValueError/TypeError if it cannot be a record."""
+    record: dict[str, Any] = {"seq": seq, "ts": ts, "event": body.get("event"), "prev": prev}
+    record.update((key, value) for key, value in body.items() if key != "event")
+    if not isinstance(record["event"], str) or len(record) != len(body) + 3:
+        raise ValueError("bad event name or reserved key")
+    return record, canonical_line(record)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+@dataclass(frozen=True)
+class _Settings:
+    signing_key: Ed25519PrivateKey | None
+    key_id: str
+    every: int
+    interval: float
+    rotate: str
+    rotate_size: int
+    retain_days: int
 
 
 class _ChainWriter:
-    """Owns the file descriptor and the head of the chain; used only by the writer thread."""
+    """Owns the files and the head of the chain; used only by the writer thread."""
 
-    def __init__(self, fd: int, seq: int, prev: str, clock: Callable[[], datetime]) -> None:
-        self.fd = fd
-        self.seq = seq
-        self.prev = prev
-        self.clock = clock
+    def __init__(self, folder: Path, settings: _Settings, clock: Callable[[], datetime]) -> None:
+        self.folder, self.settings, self.clock = folder, settings, clock
+        self.lock_fd = self.fd = -1
+        self.seq, self.prev, self.since = 0, GENESIS, 0
+        self.file_day: str | None = None
+        self.file_size = 0
+        self.unsealed_at: float | None = None
         self.broken: str | None = None
         self.batches_committed = 0
+        self.repaired_seq: int | None = None
+        self.removed_files: list[str] = []
+        self.retention_error: str | None = None
+
+    # -- start ---------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Lock the folder, recover the chain's head, seal a torn tail, apply retention."""
+        self.lock_fd = lock_folder(self.folder)
+        files = adopt_legacy(self.folder)
+        self.fd = os.open(files[-1], os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fsync_folder(self.folder)
+        tail = find_tail(files)
+        self.seq, self.prev = tail.seq, tail.prev
+        if tail.torn is not None:
+            self._repair(tail.torn, tail.ends_in_line_feed)
+        elif not tail.ends_in_line_feed and tail.seq:
+            write_all(self.fd, b"\n")
+            os.fdatasync(self.fd)
+        self.since = count_unsealed(files[-1], self.settings.every)
+        self.unsealed_at = time.monotonic() if self.since else None
+        first = first_record(files[-1])
+        self.file_day = None if first is None else str(first["ts"])[:10]
+        self.file_size = os.fstat(self.fd).st_size
+        self._retain()
+
+    def _repair(self, torn: bytes, ends_in_line_feed: bool) -> None:
+        ts = format_ts(self.clock())
+        event = records.log_repaired(torn_bytes=len(torn), torn_sha256=line_hash(torn))
+        _, line = _record_line(self.seq + 1, ts, self.prev, event.body())
+        lines = [line]
+        head = self.prev = line_hash(line)
+        if self.settings.signing_key is not None:
+            lines.append(self._checkpoint_line(self.seq + 2, ts, head))
+        data = (b"" if ends_in_line_feed else b"\n") + b"\n".join(lines) + b"\n"
+        write_all(self.fd, data)
+        os.fdatasync(self.fd)
+        self.repaired_seq = self.seq + 1
+        self.seq, self.prev = self.seq + len(lines), line_hash(lines[-1])
+        if len(lines) > 1:
+            replace_atomically(self.folder / HEAD_NAME, lines[-1] + b"\n")
+
+    # -- the thread ----------------------------------------------------------------------------
 
     def run(
         self,
         inbox: queue.SimpleQueue[Request | None],
         acknowledge: Callable[[list[Outcome]], None],
     ) -> None:
-        """Commit batches from inbox until the stop sign (None), acknowledging each batch."""
+        """Commit batches until the stop sign (None), sealing on time and at the end."""
         stop = False
         while not stop:
-            first = inbox.get()
+            try:
+                first = inbox.get(timeout=self._seal_timeout())
+            except queue.Empty:
+                self._guarded(self._seal)
+                continue
             if first is None:
-                return
+                break
             batch = [first]
             while len(batch) < MAX_BATCH:
                 try:
@@ -146,102 +209,170 @@ class _ChainWriter:
                 self.broken = f"transfer log writer failed: {type(exc).__name__}"
                 outcomes = [(ticket, None, self.broken) for ticket, _ in batch]
             acknowledge(outcomes)
+        self._guarded(self._seal)
+
+    def _seal_timeout(self) -> float | None:
+        if self.unsealed_at is None or self.settings.signing_key is None or self.broken:
+            return None
+        return max(0.0, self.unsealed_at + self.settings.interval - time.monotonic())
+
+    def _guarded(self, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - thread edge: report through `broken`
+            self._break(exc)
+
+    def _break(self, exc: BaseException) -> None:
+        if isinstance(exc, OSError):
+            name = errno.errorcode.get(exc.errno or 0, "unknown error")
+            self.broken = f"transfer log write failed ({name}); no more records until restart"
+        else:
+            self.broken = f"transfer log writer failed: {type(exc).__name__}"
+
+    def _checkpoint_line(self, seq: int, ts: str, prev: str) -> bytes:
+        key = self.settings.signing_key
+        if key is None:
+            raise AuditError("no signing key")
+        body = records.checkpoint(head=prev, key_id=self.settings.key_id).body()
+        record, unsigned = _record_line(seq, ts, prev, body)
+        record["sig"] = key.sign(unsigned).hex()
+        return canonical_line(record)
+
+    def _seal(self) -> None:
+        """Write a checkpoint now if any record is unsealed and the writer can sign."""
+        if self.broken or self.since == 0 or self.settings.signing_key is None:
+            return
+        self._write([self._checkpoint_line(self.seq + 1, format_ts(self.clock()), self.prev)], 0)
+
+    def _write(self, lines: list[bytes], since: int, checkpoint: bytes | None = None) -> None:
+        """Append lines with one write and one fdatasync; then move the head of the chain."""
+        data = b"\n".join(lines) + b"\n"
+        write_all(self.fd, data)
+        os.fdatasync(self.fd)
+        self.seq, self.prev = self.seq + len(lines), line_hash(lines[-1])
+        self.file_size += len(data)
+        if since == 0:
+            self.unsealed_at = None
+        elif self.unsealed_at is None:
+            self.unsealed_at = time.monotonic()
+        self.since = since
+        last = checkpoint if since else lines[-1]
+        if last is not None and self.settings.signing_key is not None:
+            try:
+                replace_atomically(self.folder / HEAD_NAME, last + b"\n")
+            except OSError as exc:  # these records are durable; later ones are refused
+                self._break(exc)
 
     def commit(self, batch: list[Request]) -> list[Outcome]:
-        """Write a batch (numbered, chained) with one write and one fdatasync; return outcomes."""
+        """Write a batch (numbered, chained, sealed as due) with one write and one fdatasync."""
         if self.broken is not None:
             return [(ticket, None, self.broken) for ticket, _ in batch]
         ts = format_ts(self.clock())
-        seq, prev = self.seq, self.prev
+        try:
+            self._rotate_if_due(ts)
+        except OSError as exc:
+            self._break(exc)
+            return [(ticket, None, self.broken) for ticket, _ in batch]
+        signing = self.settings.signing_key is not None
+        seq, prev, since = self.seq, self.prev, self.since
         lines: list[bytes] = []
         outcomes: list[Outcome] = []
+        checkpoint: bytes | None = None
         for ticket, body in batch:
-            record: dict[str, Any] = {"seq": seq + 1, "ts": ts, "event": body.get("event")}
-            record["prev"] = prev
-            record.update((key, value) for key, value in body.items() if key != "event")
             try:
-                if not isinstance(record["event"], str) or len(record) != len(body) + 3:
-                    raise ValueError("bad event name or reserved key")  # noqa: TRY301
-                line = canonical_line(record)
+                if body.get("event") in records.WRITER_EVENTS:
+                    raise ValueError("checkpoint and log_repaired are the writer's own")  # noqa: TRY301
+                record, line = _record_line(seq + 1, ts, prev, body)
             except (TypeError, ValueError) as exc:
                 outcomes.append((ticket, None, f"audit record refused: {exc}"))
                 continue
-            seq, prev = seq + 1, line_hash(line)
+            seq, prev, since = seq + 1, line_hash(line), since + 1
             lines.append(line)
             outcomes.append((ticket, record, None))
+            if signing and since >= self.settings.every:
+                checkpoint = self._checkpoint_line(seq + 1, ts, prev)
+                seq, prev, since = seq + 1, line_hash(checkpoint), 0
+                lines.append(checkpoint)
+        waited = self.unsealed_at is not None and (
+            time.monotonic() - self.unsealed_at >= self.settings.interval
+        )
+        if signing and since and waited:
+            lines.append(self._checkpoint_line(seq + 1, ts, prev))
+            since = 0
         if lines:
             try:
-                _write_all(self.fd, b"\n".join(lines) + b"\n")
-                os.fdatasync(self.fd)
+                self._write(lines, since, checkpoint)
             except OSError as exc:
-                name = errno.errorcode.get(exc.errno or 0, "unknown error")
-                self.broken = f"transfer log write failed ({name}); no more records until restart"
+                self._break(exc)
                 return [(ticket, None, self.broken) for ticket, _ in batch]
-            self.seq, self.prev = seq, prev
+            self.file_day = self.file_day or ts[:10]
             self.batches_committed += 1
         return outcomes
 
+    # -- rotation and retention ----------------------------------------------------------------
 
-def _reverse_segments(handle: IO[bytes], size: int) -> Iterator[bytes]:
-    """Yield the file's line-feed-separated segments, last first (the first one may be torn)."""
-    position, head = size, b""
-    while position > 0:
-        step = min(_TAIL_CHUNK, position)
-        position -= step
-        handle.seek(position)
-        parts = (handle.read(step) + head).split(b"\n")
-        head = parts[0]
-        yield from reversed(parts[1:])
-    yield head
+    def _rotate_if_due(self, ts: str) -> None:
+        rotate = self.settings.rotate
+        due = (rotate == "daily" and self.file_day is not None and ts[:10] != self.file_day) or (
+            rotate == "size" and self.file_size >= self.settings.rotate_size
+        )
+        if not due or self.file_size == 0:
+            return
+        self._seal()
+        fd = os.open(
+            self.folder / file_name(self.seq + 1),
+            os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+            0o600,
+        )
+        os.close(self.fd)
+        self.fd, self.file_day, self.file_size = fd, None, 0
+        fsync_folder(self.folder)
+        self._retain()
 
-
-def _recover_tail(path: Path) -> tuple[int, str, bool]:
-    """Return (last seq, hash of its line, whether the file ends torn), reading backwards."""
-    with path.open("rb") as handle:
-        size = handle.seek(0, os.SEEK_END)
-        if size == 0:
-            return 0, GENESIS, False
-        segments = _reverse_segments(handle, size)
-        torn = next(segments) != b""
-        for line in segments:
-            record = _parse(line)
-            if record is not None:
-                return int(record["seq"]), line_hash(line), torn
-    return 0, GENESIS, torn
-
-
-def _open_log(folder: Path) -> tuple[int, int, str]:
-    """Open the current file for appending, locked to this writer; return (fd, seq, prev)."""
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = current_file(folder)
-    created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if created:
-            folder_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    def _retain(self) -> None:
+        """Apply retention; a failure is kept in `retention_error` and retried next time."""
+        if self.settings.retain_days:
+            cutoff = self.clock() - timedelta(days=self.settings.retain_days)
             try:
-                os.fsync(folder_fd)
-            finally:
-                os.close(folder_fd)
-        seq, prev, torn = _recover_tail(path)
-        if torn:
-            _write_all(fd, b"\n")
-            os.fdatasync(fd)
-    except BlockingIOError as exc:
-        os.close(fd)
-        raise AuditError(f"{path}: another writer holds the transfer log") from exc
-    except OSError as exc:
-        os.close(fd)
-        raise AuditError(f"{path}: cannot open the transfer log: {exc.strerror}") from exc
-    return fd, seq, prev
+                self.removed_files += remove_expired(self.folder, cutoff)
+            except OSError as exc:
+                self.retention_error = f"retention failed: {exc}"
+            else:
+                self.retention_error = None
+
+    def close(self) -> None:
+        """Close the current file and release the folder lock."""
+        for fd in (self.fd, self.lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.fd = self.lock_fd = -1
 
 
 class AuditLog:
     """The transfer log's single writer, driven from the event loop (see the module docstring)."""
 
-    def __init__(self, folder: Path, *, clock: Callable[[], datetime] = _utc_now) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        *,
+        signing_key: Ed25519PrivateKey | None = None,
+        checkpoint_every: int = 1000,
+        checkpoint_interval: float = 3600,
+        rotate: str = "never",
+        rotate_size: int = 100 * 1024 * 1024,
+        retain_days: int = 0,
+        clock: Callable[[], datetime] = _utc_now,
+    ) -> None:
+        if rotate not in ROTATIONS:
+            raise ValueError(f"rotate must be one of {list(ROTATIONS)}")
+        if checkpoint_every < 1 or checkpoint_interval <= 0 or rotate_size < 1 or retain_days < 0:
+            raise ValueError("checkpoint_every, checkpoint_interval, rotate_size must be positive")
         self.folder = folder
+        key_id = "" if signing_key is None else key_id_of(signing_key.public_key())
+        self._settings = _Settings(
+            signing_key, key_id, checkpoint_every, checkpoint_interval, rotate, rotate_size,
+            retain_days,
+        )  # fmt: skip
         self._clock = clock
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -261,15 +392,38 @@ class AuditLog:
         """How many group commits (one write and one fdatasync each) have succeeded."""
         return 0 if self._writer is None else self._writer.batches_committed
 
+    @property
+    def repaired_seq(self) -> int | None:
+        """The seq of the `log_repaired` record start() wrote for a torn tail, if it did."""
+        return None if self._writer is None else self._writer.repaired_seq
+
+    @property
+    def retention_error(self) -> str | None:
+        """Why the last retention pass failed (it is tried again after the next rotation)."""
+        return None if self._writer is None else self._writer.retention_error
+
+    @property
+    def removed_files(self) -> tuple[str, ...]:
+        """Names of the files retention has removed since start (including at start)."""
+        return () if self._writer is None else tuple(self._writer.removed_files)
+
     async def start(self) -> None:
-        """Open the log, recover the chain's head from its tail, and start the writer thread."""
+        """Open the log, recover and repair its tail, and start the writer thread."""
         if self._writer is not None or self._closed:
             raise AuditError("the transfer log was already started")
         self._loop = asyncio.get_running_loop()
-        fd, seq, prev = await asyncio.to_thread(_open_log, self.folder)
-        self._writer = _ChainWriter(fd, seq, prev, self._clock)
+        writer = _ChainWriter(self.folder, self._settings, self._clock)
+        try:
+            await asyncio.to_thread(writer.open)
+        except OSError as exc:
+            writer.close()
+            raise AuditError(f"{self.folder}: cannot open the transfer log: {exc}") from exc
+        except BaseException:
+            writer.close()
+            raise
+        self._writer = writer
         self._thread = threading.Thread(
-            target=self._writer.run,
+            target=writer.run,
             args=(self._inbox, self._acknowledge),
             name="audit-writer",
             daemon=True,
@@ -290,7 +444,7 @@ class AuditLog:
         return await future
 
     async def close(self) -> None:
-        """Write what is queued, stop the writer thread and close the file."""
+        """Write what is queued, seal it with a checkpoint, stop the thread, close the files."""
         if self._closed:
             return
         self._closed = True
@@ -298,7 +452,7 @@ class AuditLog:
             return
         self._inbox.put(None)
         await asyncio.to_thread(self._thread.join)
-        os.close(self._writer.fd)
+        self._writer.close()
 
     def _acknowledge(self, outcomes: list[Outcome]) -> None:
         """Hand a batch's outcomes to the event loop (runs in the writer thread)."""
@@ -320,65 +474,14 @@ class AuditLog:
                 future.set_exception(AuditError(error or "transfer log write failed"))
 
 
-def _scan(folder: Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
-    """Yield (file:line, line, record) in order; a torn or bad line is an integrity error."""
-    expected = 1
-    for path in log_files(folder):
-        with path.open("rb") as handle:
-            for number, raw in enumerate(handle, start=1):
-                where = f"{path.name}:{number}"
-                if not raw.endswith(b"\n"):
-                    raise AuditIntegrityError(
-                        f"{where}: incomplete last line (torn write) where seq {expected} "
-                        "was expected",
-                        seq=expected,
-                    )
-                record = _parse(raw[:-1])
-                if record is None:
-                    raise AuditIntegrityError(
-                        f"{where}: not a record (torn or damaged line) where seq {expected} "
-                        "was expected",
-                        seq=expected,
-                    )
-                expected = int(record["seq"]) + 1
-                yield where, raw[:-1], record
-
-
-def read_records(folder: Path) -> Iterator[dict[str, Any]]:
-    """Yield every record in order; a torn or bad line raises AuditIntegrityError with its seq."""
-    for _where, _line, record in _scan(folder):
-        yield record
-
-
-def records_for(folder: Path, ref: str) -> list[dict[str, Any]]:
-    """Return every record about one message reference, in order."""
-    return [record for record in read_records(folder) if record.get("ref") == ref]
-
-
 def verify_chain(folder: Path) -> int:
-    """Check seq continuity, canonical form and prev hashes; return the last seq.
+    """Check the log without signatures (`audit_verify.verify`); return the last seq.
 
-    Raises AuditIntegrityError naming the first bad seq: a missing or moved record is named by
-    the seq expected in its place, an altered record by its own seq (its successor's `prev` no
-    longer matches). An alteration of the very last record needs signed checkpoints to detect.
+    Raises AuditIntegrityError naming the first bad seq; AuditError if there is no log folder.
     """
-    expected, prev = 1, GENESIS
-    for where, line, record in _scan(folder):
-        seq = record["seq"]
-        if seq != expected:
-            raise AuditIntegrityError(
-                f"{where}: seq {seq} where seq {expected} was expected "
-                "(a record is missing, moved or duplicated)",
-                seq=expected,
-            )
-        if record["prev"] != prev:
-            culprit = max(seq - 1, 1)
-            raise AuditIntegrityError(
-                f"{where}: prev of seq {seq} does not match the hash of the record before it: "
-                f"seq {culprit} was altered (or this prev was)",
-                seq=culprit,
-            )
-        if canonical_line(record) != line:
-            raise AuditIntegrityError(f"{where}: seq {seq} is not in canonical form", seq=seq)
-        expected, prev = seq + 1, line_hash(line)
-    return expected - 1
+    report = verify(folder, None)
+    if not report.ok:
+        raise AuditIntegrityError(
+            report.problem or "the transfer log does not verify", seq=report.first_bad_seq
+        )
+    return report.last_seq

@@ -7,6 +7,7 @@ stderr naming what to fix; never a traceback.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import json
 import sys
@@ -15,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__
+from gateway import __version__, cli_audit
 from gateway import config as config_module
 from gateway.errors import GatewayError, UsageError
 
@@ -55,12 +56,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_keys_init(args: argparse.Namespace) -> int:
     """Create the spool, pseudonym and audit-signing keys; print the public key."""
-    from gateway.keys import init_keys, public_key_pem  # noqa: PLC0415
+    from gateway.keys import dkim_dns_record, init_keys, public_key_pem  # noqa: PLC0415
 
     config = _load_config(args)
     keys = init_keys(config.keys_path)
-    sys.stdout.write(f"keys created in {config.keys_path} (key id {keys.key_id})\n")
+    sys.stdout.write(f"keys in {config.keys_path}: missing ones created (key id {keys.key_id})\n")
+    sys.stdout.write("audit-signing public key (give it to auditors):\n")
     sys.stdout.write(public_key_pem(keys))
+    if keys.dkim_key is not None:
+        dkim = config.dkim
+        sys.stdout.write(
+            "DKIM record to publish in DNS (proves released messages passed the gateway):\n"
+            f'{dkim.selector}._domainkey.{dkim.domain}. IN TXT "{dkim_dns_record(keys)}"\n'
+        )
     return EXIT_OK
 
 
@@ -137,33 +145,24 @@ def cmd_policy_explain(args: argparse.Namespace) -> int:
 # -- queue -----------------------------------------------------------------------------------
 
 
-def _spool(config: config_module.Config) -> Any:
-    from gateway.keys import load_keys  # noqa: PLC0415
-    from gateway.spool import Spool  # noqa: PLC0415
+def _queue_call(config: config_module.Config, command: str, **request: Any) -> Any:
+    """Ask the running daemon; without one, do the same directly on the spool."""
+    from gateway import control, offline  # noqa: PLC0415
 
-    if not config.spool_path.is_dir():
-        raise GatewayError(f"{config.spool_path}: spool folder not found")
-    return Spool(config.spool_path, load_keys(config.keys_path).spool_key)
-
-
-def _summary(entry: Any) -> dict[str, Any]:
-    return {
-        "ref": entry.ref,
-        "state": str(entry.state),
-        "received": entry.received.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "sender_domain": entry.sender_domain,
-        "recipient_domains": sorted({r.domain for r in entry.pending()}),
-        "reasons": list(entry.reasons),
-    }
+    if control.daemon_running(config.control_socket):
+        return control.request(config.control_socket, command, **request)
+    return asyncio.run(offline.run(config, command, request))
 
 
 def cmd_queue_list(args: argparse.Namespace) -> int:
-    """List the spool's messages, without content."""
-    from gateway.queue_entry import State  # noqa: PLC0415
-
-    spool = _spool(_load_config(args))
-    state = State(args.state) if args.state else None
-    rows = sorted((_summary(e) for e in spool.entries(state)), key=lambda r: r["ref"])
+    """List the queued messages, without content."""
+    rows = _queue_call(
+        _load_config(args),
+        "queue.list",
+        state=args.state,
+        domain=args.domain,
+        older_than=args.older_than,
+    )
     if args.json:
         _print_json(rows)
         return EXIT_OK
@@ -171,34 +170,18 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         sys.stdout.write("queue is empty\n")
     for row in rows:
         reasons = ",".join(row["reasons"]) or "-"
+        flags = "  releasable" if row.get("releasable") else ""
+        flags += "  notice" if row.get("notice") else ""
         sys.stdout.write(
-            f"{row['ref']}  {row['state']:<8}  {row['received']}  {row['sender_domain']} -> "
-            f"{','.join(row['recipient_domains'])}  {reasons}\n"
+            f"{row['ref']}  {row['state']:<8}  {row['received']}  {row['sender_domain'] or '<>'} "
+            f"-> {','.join(row['recipient_domains'])}  {reasons}{flags}\n"
         )
     return EXIT_OK
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
     """Show one message's envelope (pseudonyms and domains), decision and state."""
-    entry = _spool(_load_config(args)).load(args.ref)
-    shown = _summary(entry) | {
-        "client": entry.client,
-        "sender": {"domain": entry.sender_domain, "pseudonym": entry.sender_pseudonym},
-        "recipients": [
-            {"domain": r.domain, "pseudonym": r.pseudonym, "status": r.status}
-            for r in entry.recipients
-        ],
-        "verdict": entry.verdict,
-        "policy": entry.policy,
-        "decided_at": entry.decided_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "size": entry.size,
-        "digest": entry.digest,
-        "attempts": entry.attempts,
-        "next_attempt": entry.next_attempt.strftime("%Y-%m-%dT%H:%M:%SZ")
-        if entry.next_attempt
-        else None,
-        "last_error": entry.last_error,
-    }
+    shown = _queue_call(_load_config(args), "queue.show", ref=args.ref)
     if args.json:
         _print_json(shown)
     else:
@@ -208,23 +191,29 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# -- audit -----------------------------------------------------------------------------------
-
-
-def cmd_audit_show(args: argparse.Namespace) -> int:
-    """Every audit record about one message."""
-    from gateway.audit import records_for  # noqa: PLC0415
-
-    found = records_for(_load_config(args).audit_path, args.ref)
-    if args.json:
-        _print_json(found)
-    else:
-        for record in found:
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-    if not found:
-        sys.stderr.write(f"no audit records for {args.ref}\n")
-        return EXIT_FAIL
+def cmd_queue_release(args: argparse.Namespace) -> int:
+    """Release a held message (recorded with your Unix user name and reason)."""
+    result = _queue_call(
+        _load_config(args),
+        "queue.release",
+        ref=args.ref,
+        reason=args.reason,
+        drop_insecure=args.drop_insecure,
+    )
+    dropped = result.get("dropped_domains") or []
+    extra = f"; dropped recipients in {', '.join(dropped)}" if dropped else ""
+    sys.stdout.write(f"released {result['ref']}{extra}\n")
     return EXIT_OK
+
+
+def cmd_queue_reject(args: argparse.Namespace) -> int:
+    """Reject a held message: sender notified, content purged."""
+    result = _queue_call(_load_config(args), "queue.reject", ref=args.ref, reason=args.reason)
+    sys.stdout.write(f"rejected {result['ref']}; content deleted, sender notified\n")
+    return EXIT_OK
+
+
+# -- audit -----------------------------------------------------------------------------------
 
 
 # -- reload ----------------------------------------------------------------------------------
@@ -281,17 +270,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     listing = add(queue, "list", cmd_queue_list, "list messages (no content)")
     listing.add_argument("--state", choices=["held", "deferred", "active"])
+    listing.add_argument("--domain", help="only messages from or to this domain")
+    listing.add_argument(
+        "--older-than", type=int, metavar="SECONDS", help="only messages received before then"
+    )
     listing.add_argument("--json", action="store_true")
     show = add(queue, "show", cmd_queue_show, "one message's envelope and decision")
     show.add_argument("ref")
     show.add_argument("--json", action="store_true")
+    release = add(queue, "release", cmd_queue_release, "release a held message")
+    release.add_argument("ref")
+    release.add_argument("--reason", required=True, help="recorded in the transfer log")
+    release.add_argument(
+        "--drop-insecure", action="store_true", help="drop recipients whose domain is not secure"
+    )
+    reject = add(queue, "reject", cmd_queue_reject, "reject a held message")
+    reject.add_argument("ref")
+    reject.add_argument("--reason", required=True, help="recorded in the transfer log")
 
     audit = sub.add_parser("audit", help="the transfer log").add_subparsers(
         dest="action", required=True, parser_class=_Parser
     )
-    audit_show = add(audit, "show", cmd_audit_show, "every record about one message")
-    audit_show.add_argument("ref")
-    audit_show.add_argument("--json", action="store_true")
+    cli_audit.register(audit, add, _load_config)
     return parser
 
 

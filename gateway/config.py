@@ -140,6 +140,7 @@ class Config:
     keys_path: Path
     policy_path: Path
     hold_max_age: int
+    release_when_secure: bool
     dkim: DkimConfig
     clients: tuple[Client, ...]
     delivery: DeliveryConfig
@@ -374,6 +375,7 @@ def parse(root: tomlfile.Table, base: Path) -> Config:
         keys_path=_path(keys, "path", base),
         policy_path=_path(policy, "path", base),
         hold_max_age=hold.integer("max_age", 604_800, minimum=1),
+        release_when_secure=hold.boolean("release_when_secure", default=False),
         clients=clients,
         delivery=_delivery(root.table("delivery"), base),
         notices_enabled=notices.boolean("enabled", default=True),

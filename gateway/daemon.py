@@ -18,19 +18,23 @@ import time
 from datetime import UTC, datetime
 
 from gateway import records, tls
+from gateway.admin import AdminService
 from gateway.audit import AuditLog
 from gateway.config import Config, ListenAddress
 from gateway.config import load as load_config
 from gateway.control import ControlServer
 from gateway.delivery import Deliverer
 from gateway.errors import ConfigError, GatewayError
+from gateway.holdqueue import HoldQueue
 from gateway.inbound import Inbound
 from gateway.keys import load_keys
 from gateway.logconfig import get_logger
+from gateway.notifier import Notifier
 from gateway.policy import Policy, load_policy
+from gateway.queue_index import QueueIndex
 from gateway.smtp_in import GatewaySMTP
 from gateway.spool import Spool
-from gateway.worker import Worker
+from gateway.worker import DecisionSigner, Worker
 
 log = get_logger("daemon")
 
@@ -84,14 +88,33 @@ class Daemon:
             min_version=config.delivery.min_tls_version,
         )
         self.spool = Spool(config.spool_path, keys.spool_key)
-        for problem in await asyncio.to_thread(self.spool.prepare, process_start=process_start):
-            log.warning("spool_recovered", detail=problem)
-        self.audit = AuditLog(config.audit_path)
-        await self.audit.start()
-        try:
-            await self._serve(keys.pseudonym_key, server_context, client_context)
-        finally:
-            await self.audit.close()
+        with contextlib.ExitStack() as held:
+            # The daemon holds the spool's lock for its whole life: CLI commands that work on
+            # the spool directly (no daemon running) take it too, so they never overlap.
+            await asyncio.to_thread(held.enter_context, self.spool.locked(wait=True))
+            for problem in await asyncio.to_thread(self.spool.prepare, process_start=process_start):
+                log.warning("spool_recovered", detail=problem)
+            self.audit = AuditLog(
+                config.audit.path,
+                signing_key=keys.signing_key,
+                checkpoint_every=config.audit.checkpoint_every,
+                checkpoint_interval=config.audit.checkpoint_interval,
+                rotate=config.audit.rotate,
+                rotate_size=config.audit.rotate_size,
+                retain_days=config.audit.retain_days,
+            )
+            await self.audit.start()
+            if self.audit.repaired_seq is not None:
+                log.warning("audit_log_repaired", seq=self.audit.repaired_seq)
+            for name in self.audit.removed_files:
+                log.info("audit_file_removed", file=name, reason="retain_days")
+            if config.dkim.enabled and keys.dkim_key is None:
+                log.warning("dkim_key_missing", hint="run `gateway keys init` to add it")
+            self.keys = keys
+            try:
+                await self._serve(keys.pseudonym_key, server_context, client_context)
+            finally:
+                await self.audit.close()
 
     async def _serve(
         self, pseudonym_key: bytes, server_context: ssl.SSLContext, client_context: ssl.SSLContext
@@ -114,9 +137,35 @@ class Daemon:
             delivery=config.delivery,
             policy=self.policy,
             clock=utc_now,
+            signer=(
+                DecisionSigner(self.keys.dkim_key, config.dkim)
+                if config.dkim.enabled and self.keys.dkim_key is not None
+                else None
+            ),
         )
+        index = QueueIndex(self.spool)
+        notifier = Notifier(config=config, spool=self.spool, enqueue=worker.enqueue, clock=utc_now)
+        worker.notifier = notifier
+        self.admin = AdminService(
+            spool=self.spool,
+            index=index,
+            holdqueue=HoldQueue(
+                spool=self.spool,
+                audit=self.audit,
+                policy=self.policy,
+                notifier=notifier,
+                enqueue=worker.enqueue,
+                clock=utc_now,
+                max_age=config.hold_max_age,
+            ),
+            clock=utc_now,
+            expiry_every=min(60.0, config.hold_max_age / 4),
+        )
+        self.control.handlers.update(self.admin.handlers())
         recovered = await worker.recover()
         worker.start()
+        self._keep(asyncio.get_running_loop().create_task(asyncio.to_thread(index.load)))
+        self.admin.start_expiry()
         inbound = self.inbound = Inbound(
             config=config,
             policy=self.policy,
@@ -125,6 +174,7 @@ class Daemon:
             pseudonym_key=pseudonym_key,
             on_accepted=worker.enqueue,
         )
+        inbound.notifier = notifier
         loop = asyncio.get_running_loop()
         try:
             await self._listen(inbound, server_context)
@@ -153,6 +203,7 @@ class Daemon:
             for server in self.servers:
                 await server.wait_closed()
             await self.control.close()
+            await self.admin.stop()
             await worker.stop()
         log.info("daemon_stopped")
 
@@ -233,7 +284,19 @@ class Daemon:
             records.policy_loaded(policy=policy.version, source=str(self.config.policy_path))
         )
         log.info("policy_loaded", policy=policy.short_version, clients=len(config.clients))
-        return {"policy": policy.version, "clients": len(config.clients)}
+        held = await self.admin.held()
+        releasable = self.admin.holdqueue.releasable(held)
+        released: list[str] = []
+        if self.config.release_when_secure and releasable:
+            released = await self.admin.release_secure(policy.version)
+        if releasable:
+            log.info("held_messages_releasable", count=len(releasable), released=len(released))
+        return {
+            "policy": policy.version,
+            "clients": len(config.clients),
+            "releasable": [r for r in releasable if r not in released],
+            "released": released,
+        }
 
     async def _reload_from_signal(self) -> None:
         with contextlib.suppress(GatewayError):  # recorded and logged by reload()

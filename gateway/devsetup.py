@@ -22,7 +22,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway import config as config_module
 from gateway.errors import GatewayError
-from gateway.keys import init_keys
+from gateway.keys import KEY_FILES, init_keys
 
 
 def _name(common_name: str) -> x509.Name:
@@ -101,7 +101,7 @@ def setup(config: config_module.Config) -> list[str]:
     made = []
     for folder in (config.spool_path, config.audit_path):
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not (config.keys_path / "spool.key").exists():
+    if not all((config.keys_path / name).exists() for name in KEY_FILES):
         init_keys(config.keys_path)
         made.append(f"keys in {config.keys_path}")
     ca = config.delivery.ca_file

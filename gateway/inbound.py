@@ -23,6 +23,8 @@ from gateway.config import Client, Config
 from gateway.decision import Decision, Verdict, decide
 from gateway.errors import AuditError, SpoolError
 from gateway.logconfig import get_logger
+from gateway.notices import NoticeKind
+from gateway.notifier import Notifier
 from gateway.policy import DomainVerdict, Policy
 from gateway.pseudonym import pseudonym
 from gateway.queue_entry import QueueEntry, Recipient, State
@@ -72,6 +74,8 @@ class Inbound:
         self.per_address: collections.Counter[str] = collections.Counter()
         self.accepting = True
         self.authenticator = Authenticator()
+        self.notifier: Notifier | None = None  # set by the daemon
+        self._background: set[asyncio.Task[str | None]] = set()
 
     def admit(self, peer_ip: str) -> bool:
         """Count a new session in, unless the total or per-address limit is reached."""
@@ -236,4 +240,21 @@ class Inbound:
         if decision.verdict is Verdict.RELEASE:
             self.on_accepted(entry)
             return replies.queued(ref)
+        self._notify_held(entry, decision)
         return replies.held(ref, decision.reply_detail())
+
+    def _notify_held(self, entry: QueueEntry, decision: Decision) -> None:
+        """Queue the held notice in the background: the 250 does not wait for it."""
+        if self.notifier is None:
+            return
+        insecure = {v.domain for v in decision.recipients if not v.secure}
+        task = asyncio.get_running_loop().create_task(
+            self.notifier.notify(
+                entry,
+                NoticeKind.HELD,
+                concerned=[r for r in entry.recipients if r.domain in insecure],
+                reasons=list(decision.reasons),
+            )
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

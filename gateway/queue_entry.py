@@ -83,6 +83,27 @@ class QueueEntry:
             "notice": self.notice,
         }
 
+    def details(self) -> dict[str, Any]:
+        """What `gateway queue show` shows: the summary, envelope as pseudonyms, state."""
+        return self.summary() | {
+            "client": self.client,
+            "sender": {"domain": self.sender_domain, "pseudonym": self.sender_pseudonym},
+            "recipients": [
+                {"domain": r.domain, "pseudonym": r.pseudonym, "status": r.status}
+                for r in self.recipients
+            ],
+            "verdict": self.verdict,
+            "policy": self.policy,
+            "decided_at": self.decided_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "size": self.size,
+            "digest": self.digest,
+            "attempts": self.attempts,
+            "next_attempt": self.next_attempt.strftime("%Y-%m-%dT%H:%M:%SZ")
+            if self.next_attempt
+            else None,
+            "last_error": self.last_error,
+        }
+
     def to_json(self) -> bytes:
         """Serialise to canonical JSON bytes."""
         data: dict[str, Any] = asdict(self)

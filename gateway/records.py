@@ -14,6 +14,7 @@ by mistake fails loudly instead of reaching the log.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -34,6 +35,14 @@ MARKINGS = frozenset(
     }
 )
 VERDICTS = frozenset({"release", "hold"})
+# Written only by the writer itself (`gateway.audit`), never through `AuditLog.append`.
+WRITER_EVENTS = frozenset({"checkpoint", "log_repaired"})
+MAX_REASON_LENGTH = 500
+_ACTOR = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
+# Control characters, format characters (bidi overrides), line and paragraph separators.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 DELIVERY_EVENTS = frozenset({"delivered", "deferred", "bounced"})
 TLS_KEYS = ("version", "cipher", "verified")
 
@@ -191,3 +200,58 @@ def policy_loaded(*, policy: str, source: str) -> AuditEvent:
 def policy_rejected(*, error: str) -> AuditEvent:
     """Build `policy_rejected`: a new policy was invalid and the old one stays in force."""
     return AuditEvent("policy_rejected", None, {"error": error})
+
+
+def _actor(actor: str) -> str:
+    if _ACTOR.fullmatch(actor) is None:
+        raise ValueError("actor must be a Unix user name")
+    return actor
+
+
+def _reason(reason: str) -> str:
+    """Admit an admin's free-text reason: not blank, at most 500 characters, no control codes."""
+    if not reason.strip():
+        raise ValueError("a reason is required")
+    if len(reason) > MAX_REASON_LENGTH:
+        raise ValueError(f"reason is longer than {MAX_REASON_LENGTH} characters")
+    if any(unicodedata.category(char) in _FORBIDDEN_CATEGORIES for char in reason):
+        raise ValueError("reason contains control or formatting characters")
+    return reason
+
+
+def released(
+    *, ref: str, actor: str, reason: str, recipients_dropped: Sequence[str] = ()
+) -> AuditEvent:
+    """Build `released`: an admin released a held message; `recipients` lists those dropped."""
+    fields: dict[str, Any] = {"actor": _actor(actor), "reason": _reason(reason)}
+    if recipients_dropped:
+        fields["recipients"] = [_pseudonym(alias) for alias in recipients_dropped]
+    return AuditEvent("released", ref, fields)
+
+
+def rejected(*, ref: str, actor: str, reason: str) -> AuditEvent:
+    """Build `rejected`: an admin rejected a held message (sender notified, content purged)."""
+    return AuditEvent("rejected", ref, {"actor": _actor(actor), "reason": _reason(reason)})
+
+
+def expired(*, ref: str, reason: str) -> AuditEvent:
+    """Build `expired`: a held message passed `hold.max_age` (no actor: the gateway did it)."""
+    return AuditEvent("expired", ref, {"reason": _reason(reason)})
+
+
+def checkpoint(*, head: str, key_id: str) -> AuditEvent:
+    """Build the unsigned part of `checkpoint`; the writer appends `sig` last, after signing."""
+    if _HEX64.fullmatch(head) is None:
+        raise ValueError("head must be 64 lower-case hex digits")
+    if _KEY_ID.fullmatch(key_id) is None:
+        raise ValueError("key_id must be 16 lower-case hex digits")
+    return AuditEvent("checkpoint", None, {"head": head, "key_id": key_id})
+
+
+def log_repaired(*, torn_bytes: int, torn_sha256: str) -> AuditEvent:
+    """Build `log_repaired`: the writer sealed off the torn line(s) a crash left before it."""
+    if torn_bytes < 0:
+        raise ValueError("torn_bytes must not be negative")
+    if _HEX64.fullmatch(torn_sha256) is None:
+        raise ValueError("torn_sha256 must be 64 lower-case hex digits")
+    return AuditEvent("log_repaired", None, {"torn_bytes": torn_bytes, "torn_sha256": torn_sha256})

@@ -23,6 +23,7 @@ removed at start too.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
@@ -219,6 +220,24 @@ class Spool:
         self.tmp, self.data = root / "tmp", root / "data"
         # Called with (ref, entry) after a publish or save, (ref, None) after a remove.
         self.observers: list[Callable[[str, QueueEntry | None], None]] = []
+
+    @contextlib.contextmanager
+    def locked(self, *, wait: bool) -> Iterator[None]:
+        """Hold the spool's lock: the daemon for its whole life, the CLI for one action.
+
+        Without `wait`, a lock held elsewhere is a SpoolError at once (the caller says whether
+        that means "the daemon is running" or "another command is at work").
+        """
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError as exc:
+                raise SpoolError(f"{self.root}: the spool is in use by another process") from exc
+            yield
+        finally:
+            os.close(fd)
 
     def _meta(self, ref: str, state: State) -> Path:
         return self.root / state.value / f"{ref}.meta"

@@ -17,18 +17,43 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from gateway import records, schedule
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway import dkim, records, schedule
 from gateway.audit import AuditLog
-from gateway.config import DeliveryConfig, Route
+from gateway.config import DeliveryConfig, DkimConfig, Route
 from gateway.delivery import Attempt, Deliverer
 from gateway.errors import AuditError, DeliveryError, PermanentDeliveryError, SpoolError
 from gateway.headers import decision_field
 from gateway.logconfig import get_logger
+from gateway.notices import NoticeKind
+from gateway.notifier import Notifier
 from gateway.policy import Policy
 from gateway.queue_entry import QueueEntry, Recipient, State
 from gateway.spool import Spool
 
 log = get_logger("worker")
+
+
+class DecisionSigner:
+    """Signs released messages with DKIM, the decision header among the signed fields."""
+
+    def __init__(self, key: Ed25519PrivateKey, config: DkimConfig) -> None:
+        self.key = key
+        self.config = config
+
+    def sign(self, ref: str, message: bytes) -> bytes:
+        """The message with its DKIM-Signature on top; unsigned if a header is malformed."""
+        try:
+            signature = dkim.sign(
+                message, key=self.key, domain=self.config.domain, selector=self.config.selector
+            )
+        except ValueError:
+            # A client header line that is not a field cannot be signed; say so, send as is.
+            log.warning("message_unsigned", ref=ref, reason="malformed_header")
+            return message
+        return signature + message
+
 
 _LOG_EVENTS = {
     "delivered": "message_delivered",
@@ -51,7 +76,9 @@ class Worker:
         delivery: DeliveryConfig,
         policy: Callable[[], Policy],
         clock: Callable[[], datetime],
+        signer: DecisionSigner | None = None,
     ) -> None:
+        self.signer = signer
         self.spool = spool
         self.audit = audit
         self.deliverer = deliverer
@@ -64,6 +91,7 @@ class Worker:
         self._slots = asyncio.Semaphore(delivery.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner: asyncio.Task[None] | None = None
+        self.notifier: Notifier | None = None  # set by the daemon once the notifier exists
 
     # -- scheduling --------------------------------------------------------------------------
 
@@ -146,18 +174,25 @@ class Worker:
         entry = await asyncio.to_thread(self.spool.load, ref)
         if entry.state is State.HELD or not entry.pending():
             return
-        policy = self.policy()
-        today = self.clock().date()
-        insecure = [
-            v for v in (policy.classify(r.domain, today) for r in entry.pending()) if not v.secure
-        ]
-        if insecure:
-            await self._hold(entry, policy, [f"{v.reason}:{v.domain}" for v in insecure])
-            return
         content = await asyncio.to_thread(self.spool.read_content, ref)
-        message = (
-            decision_field(ref=ref, policy_version=entry.policy, at=entry.decided_at) + content
-        )
+        if entry.notice:
+            # A notice carries no content of any message: the policy does not apply to it.
+            message = content
+        else:
+            policy = self.policy()
+            today = self.clock().date()
+            pending = entry.pending()
+            verdicts = [policy.classify(r.domain, today) for r in pending]
+            if not all(v.secure for v in verdicts):
+                insecure = [r for r, v in zip(pending, verdicts, strict=True) if not v.secure]
+                reasons = [f"{v.reason}:{v.domain}" for v in verdicts if not v.secure]
+                await self._hold(entry, policy, insecure, reasons)
+                return
+            message = (
+                decision_field(ref=ref, policy_version=entry.policy, at=entry.decided_at) + content
+            )
+            if self.signer is not None:
+                message = await asyncio.to_thread(self.signer.sign, ref, message)
         # Recipients whose routes lead to the same server (host, port, certificate name) go in
         # one transaction, as Postfix groups by next hop.
         groups: dict[tuple[str, int, str] | None, tuple[Route | None, list[Recipient]]] = {}
@@ -186,6 +221,7 @@ class Worker:
     async def _settle(self, entry: QueueEntry, outcomes: Sequence[Outcome]) -> None:
         status: dict[str, str] = {}
         deferred_reason: list[str] = []
+        bounced: list[tuple[Recipient, str]] = []
         for host, group, attempt, error in outcomes:
             by_address = {r.address: r for r in group}
             if attempt is not None:
@@ -199,11 +235,13 @@ class Worker:
                 await self._record("deferred", entry, temp, host, tls, attempt.response, reason)
                 status.update({r.address: "delivered" for r in done})
                 status.update({r.address: "bounced" for r in perm})
+                bounced += [(r, f"rejected:{r.domain}") for r in perm]
                 if temp:
                     deferred_reason.append(f"{reason} at {host}")
             elif isinstance(error, PermanentDeliveryError):
                 await self._record("bounced", entry, group, host, None, error.code, error.kind)
                 status.update({r.address: "bounced" for r in group})
+                bounced += [(r, f"{error.kind}:{r.domain}") for r in group]
             else:
                 kind = error.kind if error is not None else "no_route"
                 code = error.code if error is not None else None
@@ -214,6 +252,10 @@ class Worker:
         )
         updated = replace(entry, recipients=recipients, attempts=entry.attempts + 1)
         await self._reschedule(updated, "; ".join(deferred_reason) or None)
+        if bounced:
+            await self._notify(
+                entry, NoticeKind.BOUNCED, [r for r, _ in bounced], [why for _, why in bounced]
+            )
 
     async def _reschedule(self, entry: QueueEntry, last_error: str | None) -> None:
         pending = entry.pending()
@@ -233,6 +275,7 @@ class Worker:
             await self._record("bounced", entry, pending, None, None, None, "queue_lifetime")
             await asyncio.to_thread(self.spool.remove, entry.ref)
             log.warning("message_expired", ref=entry.ref, recipients=len(pending))
+            await self._notify(entry, NoticeKind.BOUNCED, pending, ["queue_lifetime"])
             return
         saved = await asyncio.to_thread(
             self.spool.save,
@@ -241,7 +284,23 @@ class Worker:
         log.info("message_deferred", ref=entry.ref, next_attempt=due.isoformat(), reason=last_error)
         self.enqueue(saved)
 
-    async def _hold(self, entry: QueueEntry, policy: Policy, reasons: list[str]) -> None:
+    async def _notify(
+        self,
+        entry: QueueEntry,
+        kind: NoticeKind,
+        concerned: Sequence[Recipient],
+        reasons: Sequence[str],
+    ) -> None:
+        if self.notifier is not None:
+            await self.notifier.notify(entry, kind, concerned=concerned, reasons=reasons)
+
+    async def _hold(
+        self,
+        entry: QueueEntry,
+        policy: Policy,
+        insecure: Sequence[Recipient],
+        reasons: list[str],
+    ) -> None:
         await self.audit.append(records.held(ref=entry.ref, reasons=reasons, policy=policy.version))
         await asyncio.to_thread(
             self.spool.save,
@@ -254,6 +313,7 @@ class Worker:
             ),
         )
         log.warning("message_held_at_delivery", ref=entry.ref, reasons=reasons)
+        await self._notify(entry, NoticeKind.HELD, insecure, reasons)
 
     async def _record(  # noqa: PLR0917  (one call per outcome kind, all fields positional)
         self,
@@ -266,6 +326,17 @@ class Worker:
         reason: str | None,
     ) -> None:
         if not group:
+            return
+        if entry.notice:
+            # Notices are not safeguarding mail: their outcomes go to the operational log only.
+            log.info(
+                "notice_outcome",
+                outcome=event,
+                ref=entry.ref,
+                host=host,
+                response=response,
+                reason=reason,
+            )
             return
         await self.audit.append(
             records.delivery(

@@ -302,3 +302,14 @@ class GatewayProcess:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return status
+
+
+def without_dkim(content: bytes) -> bytes:
+    """A delivered message with the gateway's DKIM-Signature field (on top) taken off."""
+    if not content.startswith(b"DKIM-Signature:"):
+        return content
+    lines = content.split(b"\r\n")
+    rest = 1
+    while lines[rest][:1] in (b" ", b"\t"):
+        rest += 1
+    return b"\r\n".join(lines[rest:])

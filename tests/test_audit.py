@@ -19,6 +19,7 @@ from gateway.errors import AuditError, AuditIntegrityError
 from gateway.records import AuditEvent
 
 GENESIS = "0" * 64
+FIRST = "transfer-000000000001.jsonl"
 
 
 def _event(number: int) -> AuditEvent:
@@ -38,12 +39,12 @@ async def _write(folder: Path, count: int) -> list[dict]:
 
 def _lines(folder: Path) -> list[bytes]:
     """Return the log file's bytes split at line feeds (a last empty piece means it ends in LF)."""
-    return (folder / "transfer.jsonl").read_bytes().split(b"\n")
+    return (folder / FIRST).read_bytes().split(b"\n")
 
 
 def _save(folder: Path, lines: list[bytes]) -> None:
     """Replace the log file with the given pieces joined by line feeds."""
-    (folder / "transfer.jsonl").write_bytes(b"\n".join(lines))
+    (folder / FIRST).write_bytes(b"\n".join(lines))
 
 
 async def test_concurrent_appends_form_one_contiguous_verified_chain(tmp_path):
@@ -82,7 +83,7 @@ async def test_record_format_and_timestamp(tmp_path):
         b'{"seq":1,"ts":"2026-11-25T03:42:30.123Z","event":"held","prev":"' + GENESIS.encode()
         + b'","ref":"SG-1","reasons":["insecure_domain:gmail.com"],"policy":"ab"}\n'
     )  # fmt: skip
-    assert (tmp_path / "transfer.jsonl").read_bytes() == expected
+    assert (tmp_path / FIRST).read_bytes() == expected
     assert canonical_line(record) + b"\n" == expected
 
 
@@ -100,7 +101,7 @@ async def test_non_ascii_is_escaped(tmp_path):
     await log.start()
     await log.append(records.policy_rejected(error="bad entry bücher.example"))
     await log.close()
-    assert b"b\\u00fccher" in (tmp_path / "transfer.jsonl").read_bytes()
+    assert b"b\\u00fccher" in (tmp_path / FIRST).read_bytes()
     assert verify_chain(tmp_path) == 1
 
 
@@ -117,41 +118,44 @@ async def test_folder_and_file_are_private(tmp_path):
     folder = tmp_path / "audit"
     await _write(folder, 1)
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-    assert stat.S_IMODE((folder / "transfer.jsonl").stat().st_mode) == 0o600
+    assert stat.S_IMODE((folder / FIRST).stat().st_mode) == 0o600
 
 
-async def test_torn_last_line_is_terminated_and_skipped_by_the_chain(tmp_path):
-    """After a crash mid-write, start ends the torn line and chains on from the last good record."""
+async def test_torn_last_line_is_sealed_off_by_a_repair_record(tmp_path):
+    """After a crash mid-write, start ends the torn line and seals it with log_repaired."""
     await _write(tmp_path, 3)
     torn = b'{"seq":4,"ts":"2026-11-25T03:4'
-    with (tmp_path / "transfer.jsonl").open("ab") as handle:
+    with (tmp_path / FIRST).open("ab") as handle:
         handle.write(torn)
-    with pytest.raises(AuditIntegrityError, match=r"transfer.jsonl:4: incomplete") as caught:
+    with pytest.raises(AuditIntegrityError, match=r"000001.jsonl:4: incomplete") as caught:
         list(read_records(tmp_path))
+    assert caught.value.seq == 4
+    with pytest.raises(AuditIntegrityError, match="torn last line") as caught:
+        verify_chain(tmp_path)
     assert caught.value.seq == 4
     third = _lines(tmp_path)[2]
     log = AuditLog(tmp_path)
     await log.start()
-    assert log.last_seq == 3
+    assert (log.last_seq, log.repaired_seq) == (4, 4)
     record = await log.append(_event(9))
     await log.close()
-    assert record["seq"] == 4
-    assert record["prev"] == hashlib.sha256(third).hexdigest()
-    assert _lines(tmp_path)[3] == torn  # history is not rewritten
-    with pytest.raises(AuditIntegrityError, match=r"transfer.jsonl:4: not a record") as caught:
-        verify_chain(tmp_path)
-    assert caught.value.seq == 4
-    with pytest.raises(AuditIntegrityError) as caught:
-        list(read_records(tmp_path))
-    assert caught.value.seq == 4
+    assert record["seq"] == 5
+    lines = _lines(tmp_path)
+    assert lines[3] == torn  # history is not rewritten
+    repair = json.loads(lines[4])
+    assert repair["event"] == "log_repaired"
+    assert repair["prev"] == hashlib.sha256(third).hexdigest()
+    assert repair["torn_bytes"] == len(torn)
+    assert repair["torn_sha256"] == hashlib.sha256(torn).hexdigest()
+    assert verify_chain(tmp_path) == 5
+    assert [r["seq"] for r in read_records(tmp_path)] == [1, 2, 3, 4, 5]
 
 
-async def test_repeated_crashes_chain_from_last_valid_record(tmp_path):
-    """Two torn lines in a row are both skipped when finding the head of the chain."""
+async def test_repeated_crashes_are_each_sealed_and_verify(tmp_path):
+    """Two crashes, each repaired at the next start, leave a log that verifies."""
     await _write(tmp_path, 2)
-    second = _lines(tmp_path)[1]
     for fragment in (b'{"seq":3,"t', b'{"se'):
-        with (tmp_path / "transfer.jsonl").open("ab") as handle:
+        with (tmp_path / FIRST).open("ab") as handle:
             handle.write(fragment)
         log = AuditLog(tmp_path)
         await log.start()
@@ -160,17 +164,21 @@ async def test_repeated_crashes_chain_from_last_valid_record(tmp_path):
     await log.start()
     record = await log.append(_event(3))
     await log.close()
-    assert (record["seq"], record["prev"]) == (3, hashlib.sha256(second).hexdigest())
+    assert record["seq"] == 5
+    assert verify_chain(tmp_path) == 5
 
 
-async def test_torn_first_line_restarts_from_genesis(tmp_path):
-    """A crash during the very first write leaves the next record as seq 1 after genesis."""
-    tmp_path.joinpath("transfer.jsonl").write_bytes(b'{"seq":1,"ts"')
+async def test_torn_first_line_is_sealed_from_genesis(tmp_path):
+    """A crash during the very first write is sealed by a log_repaired record with seq 1."""
+    tmp_path.joinpath(FIRST).write_bytes(b'{"seq":1,"ts"')
     log = AuditLog(tmp_path)
     await log.start()
     record = await log.append(_event(1))
     await log.close()
-    assert (record["seq"], record["prev"]) == (1, GENESIS)
+    repair = json.loads(_lines(tmp_path)[1])
+    assert (repair["seq"], repair["prev"], repair["event"]) == (1, GENESIS, "log_repaired")
+    assert record["seq"] == 2
+    assert verify_chain(tmp_path) == 2
 
 
 async def test_edited_field_names_the_edited_record(tmp_path):
@@ -212,7 +220,7 @@ async def test_non_canonical_line_is_named(tmp_path):
     lines = _lines(tmp_path)
     lines[2] = json.dumps(json.loads(lines[2])).encode()
     _save(tmp_path, lines)
-    with pytest.raises(AuditIntegrityError, match="canonical") as caught:
+    with pytest.raises(AuditIntegrityError, match="not a record") as caught:
         verify_chain(tmp_path)
     assert caught.value.seq == 3
 
@@ -322,18 +330,19 @@ async def test_failed_write_breaks_the_log_until_restart(tmp_path):
     assert written == list(range(1, len(written) + 1))
     assert failures
     assert all(isinstance(outcome, str) and "EFBIG" in outcome for outcome in failures)
-    assert (tmp_path / "transfer.jsonl").stat().st_size == 4000
+    assert (tmp_path / FIRST).stat().st_size == 4000
     complete = _lines(tmp_path)[:-1]
     assert len(complete) >= len(written)  # a failed batch may have reached the disk in part
     log = AuditLog(tmp_path)
     await log.start()
-    assert log.last_seq == len(complete)
+    assert log.last_seq == len(complete) + 1
+    assert log.repaired_seq == len(complete) + 1
     record = await log.append(_event(1))
     await log.close()
-    assert record["prev"] == hashlib.sha256(complete[-1]).hexdigest()
-    with pytest.raises(AuditIntegrityError) as caught:
-        verify_chain(tmp_path)
-    assert caught.value.seq == len(complete) + 1
+    repair = json.loads(_lines(tmp_path)[len(complete) + 1])
+    assert repair["prev"] == hashlib.sha256(complete[-1]).hexdigest()
+    assert record["seq"] == len(complete) + 2
+    assert verify_chain(tmp_path) == len(complete) + 2
 
 
 def test_canonical_line_keeps_key_order():

@@ -10,8 +10,10 @@ import pytest
 
 from gateway import replies
 from gateway.audit import read_records
+from gateway.dkim import verify_message
+from gateway.keys import DKIM_PUBLIC_KEY_FILE, load_public_key
 from gateway.spool import State
-from tests.harness import make_setup, running_gateway, smtp_send
+from tests.harness import make_setup, running_gateway, smtp_send, without_dkim
 from tests.receiver import start_receiver, stop_receiver
 
 SENDER = "duty.officer@bromley.gcsx.gov.uk"
@@ -65,9 +67,15 @@ async def test_released_message_arrives_with_one_decision_header(tmp_path, ca, r
         line for line in head.split(b"\r\n") if line.lower().startswith(b"x-safeguarding-decision:")
     ]
     assert len(decision) == 1
-    assert head.startswith(
+    assert without_dkim(head).startswith(
         b"X-Safeguarding-Decision: " + ref.group().encode() + b"; verdict=released; policy="
     )
+    # The DKIM signature proves the decision and the body, with the public key alone.
+    public = load_public_key(setup.root / "keys" / DKIM_PUBLIC_KEY_FILE)
+    proof = verify_message(got.content, public)
+    assert (proof.valid, proof.decision["ref"]) == (True, ref.group())
+    tampered = got.content.replace(b"Referral details", b"Referral detai1s")
+    assert verify_message(tampered, public).valid is False
     assert b"TLS-Required" not in head
     assert b"SG-FORGED" not in got.content
     assert b"\r\nReceived: from agency.test ([127.0.0.1])" in head
@@ -84,7 +92,7 @@ async def test_released_message_arrives_with_one_decision_header(tmp_path, ca, r
 
 
 async def test_mixed_envelope_is_held_and_nobody_receives_it(tmp_path, ca, receiver):
-    """One insecure recipient holds the whole message; the secure one gets nothing either."""
+    """One insecure recipient holds the whole message; the sender alone gets a notice."""
     port, handler = receiver
     setup = make_setup(tmp_path, ca, receiver_port=port)
     async with running_gateway(setup) as (daemon, smtp_port):
@@ -105,9 +113,18 @@ async def test_mixed_envelope_is_held_and_nobody_receives_it(tmp_path, ca, recei
             smtp_send, smtp_port, setup.client_context, SENDER, ["x@met.pnn.police.uk"], message()
         )
         assert later.code("data") == 250
-        await eventually(lambda: len(handler.messages) == 1)
+        await eventually(lambda: len(handler.messages) == 2)
         assert daemon.spool.refs(State.HELD) == [held_ref]
-    assert handler.messages[0].rcpt_tos == ("x@met.pnn.police.uk",)
+    messages = {m.rcpt_tos: m for m in handler.messages}
+    assert set(messages) == {("x@met.pnn.police.uk",), (SENDER,)}
+    notice = messages[(SENDER,)]
+    assert notice.mail_from == "<>"
+    assert b"multipart/report; report-type=delivery-status" in notice.content
+    assert held_ref.encode() in notice.content
+    assert b"gmail.com" in notice.content
+    assert b"someone" not in notice.content
+    assert b"lead" not in notice.content
+    assert b"Referral details" not in notice.content
     accepted = [r for r in read_records(setup.config.audit_path) if r.get("ref") == held_ref]
     assert [r["event"] for r in accepted] == ["accepted"]
     assert accepted[0]["verdict"] == "hold"
@@ -249,7 +266,7 @@ async def test_message_bounces_after_queue_lifetime_and_content_is_deleted(tmp_p
     events = [(r["event"], r.get("reason")) for r in read_records(setup.config.audit_path)]
     assert ("deferred", "no_starttls") in events
     assert ("bounced", "queue_lifetime") in events
-    assert list((setup.root / "spool" / "data").iterdir()) == []
+    assert list((setup.root / "spool" / "data").glob(f"{ref}*")) == []
     bounced = next(r for r in read_records(setup.config.audit_path) if r["event"] == "bounced")
     assert bounced["ref"] == ref
 

@@ -1,21 +1,28 @@
+import base64
 import stat
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.errors import KeyStoreError
 from gateway.keys import (
+    DKIM_KEY_FILE,
+    DKIM_PUBLIC_KEY_FILE,
     KEY_FILES,
     PSEUDONYM_KEY_FILE,
     PUBLIC_KEY_FILE,
     SIGNING_KEY_FILE,
     SPOOL_KEY_FILE,
+    dkim_dns_record,
     init_keys,
     load_keys,
     load_public_key,
     public_key_pem,
 )
 
-SECRET_FILES = (SPOOL_KEY_FILE, PSEUDONYM_KEY_FILE, SIGNING_KEY_FILE)
+SECRET_FILES = (SPOOL_KEY_FILE, PSEUDONYM_KEY_FILE, SIGNING_KEY_FILE, DKIM_KEY_FILE)
+REQUIRED_SECRET_FILES = (SPOOL_KEY_FILE, PSEUDONYM_KEY_FILE, SIGNING_KEY_FILE)
 
 
 def test_init_creates_private_files_and_folder(tmp_path):
@@ -30,6 +37,9 @@ def test_init_creates_private_files_and_folder(tmp_path):
     assert len(keys.pseudonym_key) == 32
     assert (folder / SIGNING_KEY_FILE).read_text().startswith("-----BEGIN PRIVATE KEY-----")
     assert (folder / PUBLIC_KEY_FILE).read_text() == public_key_pem(keys)
+    assert (folder / DKIM_KEY_FILE).read_text().startswith("-----BEGIN PRIVATE KEY-----")
+    assert keys.dkim_key is not None
+    assert load_public_key(folder / DKIM_PUBLIC_KEY_FILE) == keys.dkim_key.public_key()
 
 
 def test_load_returns_the_created_keys(tmp_path):
@@ -40,6 +50,9 @@ def test_load_returns_the_created_keys(tmp_path):
     assert loaded.pseudonym_key == created.pseudonym_key
     assert loaded.key_id == created.key_id
     assert len(loaded.key_id) == 16
+    assert created.dkim_key is not None
+    assert loaded.dkim_key is not None
+    assert loaded.dkim_key.public_key() == created.dkim_key.public_key()
 
 
 def test_keys_repr_hides_secrets(tmp_path):
@@ -50,8 +63,8 @@ def test_keys_repr_hides_secrets(tmp_path):
 
 
 @pytest.mark.parametrize("existing", KEY_FILES)
-def test_init_refuses_to_overwrite(tmp_path, existing):
-    """Init refuses when any key file exists and leaves that file untouched."""
+def test_init_refuses_a_lone_key_file(tmp_path, existing):
+    """A key file alone means the others were lost: init refuses, names it, leaves it be."""
     (tmp_path / existing).write_bytes(b"precious")
     with pytest.raises(KeyStoreError, match=existing):
         init_keys(tmp_path)
@@ -76,7 +89,7 @@ def test_load_refuses_group_readable_secret(tmp_path, name):
         load_keys(tmp_path)
 
 
-@pytest.mark.parametrize("name", SECRET_FILES)
+@pytest.mark.parametrize("name", REQUIRED_SECRET_FILES)
 def test_load_refuses_missing_file(tmp_path, name):
     """One key missing beside the others is named, with the advice to restore it."""
     init_keys(tmp_path)
@@ -130,3 +143,129 @@ def test_load_public_key_refuses_private_key(tmp_path):
     init_keys(tmp_path)
     with pytest.raises(KeyStoreError, match=SIGNING_KEY_FILE):
         load_public_key(tmp_path / SIGNING_KEY_FILE)
+
+
+def _old_folder(folder):
+    """Make a key folder as init made it before DKIM keys existed."""
+    init_keys(folder)
+    (folder / DKIM_KEY_FILE).unlink()
+    (folder / DKIM_PUBLIC_KEY_FILE).unlink()
+
+
+def test_load_without_dkim_key_gives_none(tmp_path):
+    """A folder made before DKIM signing loads, with no DKIM key."""
+    _old_folder(tmp_path)
+    keys = load_keys(tmp_path)
+    assert keys.dkim_key is None
+    assert len(keys.spool_key) == 32
+
+
+def test_init_of_an_old_folder_adds_only_the_dkim_pair(tmp_path):
+    """Init gives a pre-DKIM folder a 0600 DKIM pair and leaves the old files as they were."""
+    _old_folder(tmp_path)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    keys = init_keys(tmp_path)
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    assert sorted(set(after) - set(before)) == [DKIM_KEY_FILE, DKIM_PUBLIC_KEY_FILE]
+    assert {name: after[name] for name in before} == before
+    for name in (DKIM_KEY_FILE, DKIM_PUBLIC_KEY_FILE):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    assert keys.spool_key == before[SPOOL_KEY_FILE][0]
+    loaded = load_keys(tmp_path)
+    assert loaded.dkim_key is not None
+    assert keys.dkim_key is not None
+    assert loaded.dkim_key.public_key() == keys.dkim_key.public_key()
+
+
+@pytest.mark.parametrize("lost", REQUIRED_SECRET_FILES)
+def test_init_refuses_to_replace_a_lost_key(tmp_path, lost):
+    """A spool, pseudonym or audit-signing key missing beside the others is never made anew."""
+    init_keys(tmp_path)
+    (tmp_path / lost).unlink()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(KeyStoreError, match=rf"{lost}: missing while .* restore it from"):
+        init_keys(tmp_path)
+    assert before == sorted(p.name for p in tmp_path.iterdir())
+
+
+def test_init_refuses_a_lost_spool_key_in_an_old_folder(tmp_path):
+    """A pre-DKIM folder that also lost its spool key gets nothing, not even the DKIM pair."""
+    _old_folder(tmp_path)
+    (tmp_path / SPOOL_KEY_FILE).unlink()
+    with pytest.raises(KeyStoreError, match=rf"{SPOOL_KEY_FILE}: missing"):
+        init_keys(tmp_path)
+    assert not (tmp_path / SPOOL_KEY_FILE).exists()
+    assert not (tmp_path / DKIM_KEY_FILE).exists()
+
+
+def test_init_refuses_a_dkim_public_key_without_its_private_key(tmp_path):
+    """A dkim.pub left without dkim.key is not paired with a new key it does not match."""
+    init_keys(tmp_path)
+    (tmp_path / DKIM_KEY_FILE).unlink()
+    published = (tmp_path / DKIM_PUBLIC_KEY_FILE).read_bytes()
+    with pytest.raises(KeyStoreError, match=rf"{DKIM_PUBLIC_KEY_FILE}: already exists without"):
+        init_keys(tmp_path)
+    assert not (tmp_path / DKIM_KEY_FILE).exists()
+    assert published == (tmp_path / DKIM_PUBLIC_KEY_FILE).read_bytes()
+
+
+def test_init_rebuilds_a_missing_public_key_from_its_private_key(tmp_path):
+    """A missing audit-signing.pub is written again from the private key that is kept."""
+    keys = init_keys(tmp_path)
+    (tmp_path / PUBLIC_KEY_FILE).unlink()
+    init_keys(tmp_path)
+    assert public_key_pem(keys) == (tmp_path / PUBLIC_KEY_FILE).read_text()
+
+
+def test_init_checks_the_kept_keys_before_adding(tmp_path):
+    """An old folder with a group-readable spool key is refused before any DKIM key is made."""
+    _old_folder(tmp_path)
+    (tmp_path / SPOOL_KEY_FILE).chmod(0o640)
+    with pytest.raises(KeyStoreError, match="readable by group or others"):
+        init_keys(tmp_path)
+    assert not (tmp_path / DKIM_KEY_FILE).exists()
+
+
+def test_load_refuses_mismatched_dkim_public_key(tmp_path):
+    """A dkim.pub from another key pair is refused."""
+    init_keys(tmp_path / "a")
+    init_keys(tmp_path / "b")
+    (tmp_path / "a" / DKIM_PUBLIC_KEY_FILE).write_bytes(
+        (tmp_path / "b" / DKIM_PUBLIC_KEY_FILE).read_bytes()
+    )
+    with pytest.raises(KeyStoreError, match=rf"{DKIM_PUBLIC_KEY_FILE}: does not match"):
+        load_keys(tmp_path / "a")
+
+
+def test_load_refuses_a_dkim_key_of_another_type(tmp_path):
+    """A dkim.key that is PEM but not Ed25519 is refused by name."""
+    init_keys(tmp_path)
+    other = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (tmp_path / DKIM_KEY_FILE).write_bytes(other)
+    with pytest.raises(KeyStoreError, match=rf"{DKIM_KEY_FILE}: not an Ed25519 private key"):
+        load_keys(tmp_path)
+
+
+def test_dkim_dns_record_is_the_rfc_8463_form(tmp_path):
+    """The TXT record holds the raw 32-byte Ed25519 public key in base64, as RFC 8463 says."""
+    keys = init_keys(tmp_path)
+    record = dkim_dns_record(keys)
+    prefix = "v=DKIM1; k=ed25519; p="
+    assert record.startswith(prefix)
+    assert keys.dkim_key is not None
+    raw = keys.dkim_key.public_key().public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    assert raw == base64.b64decode(record.removeprefix(prefix), validate=True)
+    assert len(record) == len(prefix) + 44
+
+
+def test_dkim_dns_record_without_a_dkim_key(tmp_path):
+    """Asking for the DNS record of a folder without a DKIM key says to run keys init."""
+    _old_folder(tmp_path)
+    with pytest.raises(KeyStoreError, match=r"no dkim\.key .* run `gateway keys init`"):
+        dkim_dns_record(load_keys(tmp_path))

@@ -185,3 +185,64 @@ def test_body_puts_event_then_ref_then_fields():
     event = records.held(ref="SG-9", reasons=["insecure_domain:gmail.com"], policy="p")
     assert list(event.body()) == ["event", "ref", "reasons", "policy"]
     assert list(records.policy_rejected(error="e").body()) == ["event", "error"]
+
+
+def test_hold_outcomes_have_exactly_the_spec_fields():
+    """released, rejected and expired carry actor and reason; released lists dropped recipients."""
+    dropped = pseudonym(KEY, CANARY_RECIPIENTS[1])
+    released = records.released(
+        ref="SG-1", actor="jsmith", reason="now secure", recipients_dropped=[dropped]
+    )
+    assert list(released.body()) == ["event", "ref", "actor", "reason", "recipients"]
+    assert released.fields["recipients"] == [dropped]
+    assert "recipients" not in records.released(ref="SG-1", actor="a", reason="ok").fields
+    rejected = records.rejected(ref="SG-1", actor="jsmith", reason="wrong recipient")
+    assert list(rejected.body()) == ["event", "ref", "actor", "reason"]
+    assert list(records.expired(ref="SG-1", reason="hold.max_age").body()) == [
+        "event", "ref", "reason",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["", "   ", "x" * 501, "line\nbreak", "tab\there", "bidi\u202eoverride", "sep\u2028x"],
+)
+def test_admin_reason_must_be_short_plain_text(reason):
+    """A blank, over-long or control-character reason is refused."""
+    with pytest.raises(ValueError, match="reason"):
+        records.rejected(ref="SG-1", actor="jsmith", reason=reason)
+
+
+def test_admin_reason_may_be_any_printable_text():
+    """Free text in any script, up to 500 characters, is kept as written."""
+    reason = "Empfänger bestätigt: jetzt sicher — ok " + "x" * 461
+    assert records.rejected(ref="SG-1", actor="jsmith", reason=reason).fields["reason"] == reason
+
+
+@pytest.mark.parametrize("actor", ["", "root user", "a" * 40, "jane@example.org", "-x"])
+def test_actor_must_be_a_unix_user_name(actor):
+    """Anything but a plain Unix user name is refused as actor."""
+    with pytest.raises(ValueError, match="actor"):
+        records.released(ref="SG-1", actor=actor, reason="ok")
+
+
+def test_released_refuses_addresses_as_dropped_recipients():
+    """Dropped recipients are pseudonyms; an address is refused without being echoed."""
+    with pytest.raises(ValueError, match="pseudonym") as caught:
+        records.released(
+            ref="SG-1", actor="a", reason="ok", recipients_dropped=[CANARY_RECIPIENTS[0]]
+        )
+    assert "canary" not in str(caught.value)
+
+
+def test_writer_records_check_their_hashes():
+    """The checkpoint and log_repaired builders take hex digests and build their fields in order."""
+    assert list(records.checkpoint(head="a" * 64, key_id="b" * 16).body()) == [
+        "event", "head", "key_id",
+    ]  # fmt: skip
+    repaired = records.log_repaired(torn_bytes=3, torn_sha256="c" * 64)
+    assert list(repaired.body()) == ["event", "torn_bytes", "torn_sha256"]
+    with pytest.raises(ValueError, match="head"):
+        records.checkpoint(head="xyz", key_id="b" * 16)
+    with pytest.raises(ValueError, match="torn_sha256"):
+        records.log_repaired(torn_bytes=3, torn_sha256="C" * 64)
