@@ -85,8 +85,12 @@ class ControlServer:
             actor = peer_user(sock) if sock is not None else "unknown"
             async with asyncio.timeout(TIMEOUT):
                 line = await reader.readline()
+                if not line:
+                    return  # a liveness probe (`daemon_running`): connected, sent nothing
                 reply = await self._answer(line, actor)
-            writer.write(json.dumps(reply, ensure_ascii=False).encode("utf-8") + b"\n")
+            # A big answer (100,000 queue rows) is encoded off the event loop.
+            data = await asyncio.to_thread(_encode, reply)
+            writer.write(data)
             await writer.drain()
         except (TimeoutError, ConnectionError, ValueError):
             log.warning("control_request_dropped")
@@ -114,6 +118,10 @@ class ControlServer:
             return {"ok": False, "error": "internal error; see the daemon's log"}
         log.info("control_request_served", command=request["command"], actor=actor)
         return {"ok": True, "result": result}
+
+
+def _encode(reply: dict[str, Any]) -> bytes:
+    return json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
 def request(path: Path, command: str, **fields: Any) -> Any:

@@ -180,10 +180,17 @@ class HoldQueue:
         """Held messages whose every pending recipient domain is secure under today's policy."""
         policy = self.policy()
         today = self.clock().date()
+        secure: dict[str, bool] = {}  # each distinct domain is classified once
+
+        def is_secure(domain: str) -> bool:
+            if domain not in secure:
+                secure[domain] = policy.classify(domain, today).secure
+            return secure[domain]
+
         return [
             str(row["ref"])
             for row in held
             if not row.get("notice")
             and row["recipient_domains"]
-            and all(policy.classify(d, today).secure for d in row["recipient_domains"])
+            and all(is_secure(d) for d in row["recipient_domains"])
         ]

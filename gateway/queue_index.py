@@ -8,6 +8,7 @@ loaded once at start, off the event loop.
 
 from __future__ import annotations
 
+import gc
 import threading
 from collections.abc import Iterable
 from datetime import datetime
@@ -34,6 +35,8 @@ class QueueIndex:
                 with self._lock:
                     # A change observed while loading is newer than what was read.
                     self._summaries.setdefault(entry.ref, entry.summary())
+        # A big index is long-lived: keep the garbage collector from rescanning it under load.
+        gc.freeze()
         self.loaded.set()
         return len(self._summaries)
 

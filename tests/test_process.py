@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 
 from gateway import replies
 from gateway.audit import read_records, verify_chain
@@ -92,43 +94,78 @@ async def test_spool_write_failure_answers_452_and_keeps_nothing(tmp_path, ca, r
 
 
 async def test_no_personal_data_in_audit_log_daemon_output_or_spool(tmp_path, ca, receiver):
-    """Canaries in subject, body, display names and local parts appear in no record or log."""
+    """Canaries in subject, body, display names and local parts appear in no record or log.
+
+    The run provokes accepted (release and hold), delivered, bounced, released, rejected,
+    checkpoint and policy records, and reads them back through every CLI output.
+    """
     port, handler = receiver
+    handler.fail_rcpt["canarybounce@met.pnn.police.uk"] = 550
     setup = make_setup(tmp_path, ca, receiver_port=port)
     process = GatewayProcess(setup)
     smtp_port = await asyncio.to_thread(process.start)
-    canaries = [
-        "canarysubject",
-        "canarybody",
-        "canaryname",
-        "canarysender",
-        "canarylead",
-        "canaryheld",
-    ]
+    canaries = ["canarysubject", "canarybody", "canaryname", "canarysender", "canarylead"]
+    canaries += ["canaryheld", "canarybounce"]
     message = (
         b'From: "Canaryname Person" <canarysender@bromley.gcsx.gov.uk>\r\n'
         b"To: Canaryname Lead <canarylead@nhs.net>\r\n"
         b"Subject: OFFICIAL canarysubject about a child\r\n\r\ncanarybody text\r\n"
     )
     sender = "canarysender@bromley.gcsx.gov.uk"
+
+    def send(*recipients: str):
+        return smtp_send(smtp_port, setup.client_context, sender, list(recipients), message)
+
+    def cli(*args: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway.cli", *args, "--config", str(setup.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode in (0, 1), result.stderr
+        return result.stdout + result.stderr
+
+    outputs = []
     try:
-        released = await asyncio.to_thread(
-            smtp_send, smtp_port, setup.client_context, sender, ["canarylead@nhs.net"], message
-        )
-        held = await asyncio.to_thread(
-            smtp_send, smtp_port, setup.client_context, sender, ["canaryheld@gmail.com"], message
-        )
-        refused = await asyncio.to_thread(
-            smtp_send, smtp_port, setup.client_context, sender, ["canaryheld%x@nhs.net"], message
-        )
-        assert released.code("data") == 250
-        assert "held as" in held.text("data")
+        released = await asyncio.to_thread(send, "canarylead@nhs.net")
+        to_release = await asyncio.to_thread(send, "canaryheld@gmail.com", "canarylead2@nhs.net")
+        to_reject = await asyncio.to_thread(send, "canaryheld3@gmail.com")
+        bounced = await asyncio.to_thread(send, "canarybounce@met.pnn.police.uk")
+        refused = await asyncio.to_thread(send, "canaryheld%x@nhs.net")
+        assert released.code("data") == bounced.code("data") == 250
         assert refused.code("rcpt0") == 553
-        await eventually(lambda: any("canarylead@nhs.net" in m.rcpt_tos for m in handler.messages))
+        release_ref = REF.search(to_release.text("data")).group()
+        reject_ref = REF.search(to_reject.text("data")).group()
+        outputs.append(await asyncio.to_thread(cli, "queue", "list", "--json"))
+        outputs.append(await asyncio.to_thread(cli, "queue", "show", release_ref, "--json"))
+        outputs.append(
+            await asyncio.to_thread(
+                cli, "queue", "release", release_ref, "--reason", "approved", "--drop-insecure"
+            )
+        )
+        outputs.append(
+            await asyncio.to_thread(cli, "queue", "reject", reject_ref, "--reason", "not secure")
+        )
+        await eventually(
+            lambda: sum("canarylead" in " ".join(m.rcpt_tos) for m in handler.messages) == 2
+        )
     finally:
         assert await asyncio.to_thread(process.terminate) == 0
+    reads = (
+        ("audit", "search"),
+        ("audit", "search", "--json"),
+        ("audit", "show", release_ref),
+        ("audit", "export", "--format", "csv"),
+        ("audit", "verify"),
+        ("queue", "list"),
+    )
+    outputs += [await asyncio.to_thread(cli, *args) for args in reads]
     audit_text = "".join(p.read_text() for p in (setup.root / "audit").iterdir()).lower()
-    output = "".join(process.output).lower()
+    events = {r["event"] for r in read_records(setup.config.audit_path)}
+    assert events >= {"accepted", "delivered", "bounced", "released", "rejected", "checkpoint"}
+    output = ("".join(process.output) + "".join(outputs)).lower()
     spool_bytes = b"".join(p.read_bytes() for p in (setup.root / "spool").rglob("*") if p.is_file())
     assert "message_accepted" in output
     assert '"marking":"official"' in audit_text
