@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -233,6 +234,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     sys.stdout.write(
         f"reloaded: policy {str(result['policy'])[:16]}, {result['clients']} clients\n"
     )
+    if result.get("released"):
+        sys.stdout.write(f"released (release_when_secure): {' '.join(result['released'])}\n")
+    if result.get("releasable"):
+        sys.stdout.write(
+            f"held and now releasable (gateway queue release): {' '.join(result['releasable'])}\n"
+        )
     return EXIT_OK
 
 
@@ -304,8 +311,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one subcommand, turning errors into one line and an exit code."""
     try:
         args = build_parser().parse_args(argv)
+        if args.command != "serve":
+            # Commands that touch the spool log as the daemon does, but on stderr: stdout is
+            # for their answer (JSON, CSV).
+            from gateway import logconfig  # noqa: PLC0415
+
+            logconfig.configure("warning", stream=sys.stderr)
         handler: Handler = args.handler
         return handler(args)
+    except BrokenPipeError:
+        # `gateway audit search | head`: the reader left. Not an error; no traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except UsageError as exc:
         sys.stderr.write(f"{exc}\n")
         return EXIT_USAGE

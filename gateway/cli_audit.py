@@ -49,9 +49,11 @@ def show(args: argparse.Namespace, load: Loader) -> int:
     """Every audit record about one message."""
     from gateway.audit_query import Filters, export_json, export_jsonl, search  # noqa: PLC0415
 
-    found = list(search(_log_folder(args, load), Filters(ref=args.ref)))
+    unreadable: list[str] = []
+    found = list(search(_log_folder(args, load), Filters(ref=args.ref), unreadable=unreadable))
     with _stdout() as out:
         (export_json if args.json else export_jsonl)(found, out)
+    _warn_unreadable(unreadable)
     if not found:
         sys.stderr.write(f"no audit records for {args.ref}\n")
         return EXIT_FAIL
@@ -74,7 +76,7 @@ def _filters(args: argparse.Namespace, load: Loader) -> Any:
     from gateway.audit_query import Filters, normalise_domain, parse_time  # noqa: PLC0415
 
     try:
-        pseudonym = _pseudonym_of(args.address, load(args)) if args.address else None
+        pseudonym = _pseudonym_of(args, load) if args.address else None
         return Filters(
             since=parse_time(args.since) if args.since else None,
             until=parse_time(args.until) if args.until else None,
@@ -89,13 +91,18 @@ def _filters(args: argparse.Namespace, load: Loader) -> Any:
         raise UsageError(str(exc)) from exc
 
 
-def _pseudonym_of(address: str, config: config_module.Config) -> str:
+def _pseudonym_of(args: argparse.Namespace, load: Loader) -> str:
     from gateway.addresses import parse_address  # noqa: PLC0415
     from gateway.keys import PSEUDONYM_KEY_FILE, read_secret_key  # noqa: PLC0415
     from gateway.pseudonym import pseudonym  # noqa: PLC0415
 
-    key = read_secret_key(config.keys_path / PSEUDONYM_KEY_FILE)
-    return pseudonym(key, parse_address(address, smtputf8=True).normalised)
+    path = (
+        Path(args.pseudonym_key)
+        if args.pseudonym_key
+        else load(args).keys_path / PSEUDONYM_KEY_FILE
+    )
+    key = read_secret_key(path)
+    return pseudonym(key, parse_address(args.address, smtputf8=True).normalised)
 
 
 def _records(args: argparse.Namespace, load: Loader) -> tuple[Iterator[dict[str, Any]], list[str]]:
@@ -185,6 +192,9 @@ def register(audit: Any, add: Callable[..., argparse.ArgumentParser], load: Load
         parser.add_argument("--client", help="the agency's client name")
         parser.add_argument("--marking", help="protective marking, e.g. OFFICIAL-SENSITIVE")
         parser.add_argument("--address", help="an address (needs the pseudonym key)")
+        parser.add_argument(
+            "--pseudonym-key", metavar="FILE", help="the pseudonym key file (instead of the config)"
+        )
         if name == "search":
             parser.add_argument("--json", action="store_true")
         else:

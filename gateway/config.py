@@ -50,6 +50,7 @@ class ServerConfig:
     min_data_rate: int
     max_data_time: int
     hard_error_limit: int
+    shutdown_grace: int
     client_ca_file: Path | None
 
 
@@ -237,6 +238,7 @@ def _server(table: tomlfile.Table, base: Path) -> ServerConfig:
         min_data_rate=table.integer("min_data_rate", 500, minimum=1),
         max_data_time=table.integer("max_data_time", 900, minimum=1),
         hard_error_limit=table.integer("hard_error_limit", 20, minimum=1),
+        shutdown_grace=table.integer("shutdown_grace", 30, minimum=0),
         client_ca_file=_optional_path(table, "client_ca_file", base),
     )
     if not server.listen and not server.listen_tls:

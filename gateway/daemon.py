@@ -24,7 +24,7 @@ from gateway.config import Config, ListenAddress
 from gateway.config import load as load_config
 from gateway.control import ControlServer
 from gateway.delivery import Deliverer
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, SpoolError
 from gateway.holdqueue import HoldQueue
 from gateway.inbound import Inbound
 from gateway.keys import load_keys
@@ -91,7 +91,7 @@ class Daemon:
         with contextlib.ExitStack() as held:
             # The daemon holds the spool's lock for its whole life: CLI commands that work on
             # the spool directly (no daemon running) take it too, so they never overlap.
-            await asyncio.to_thread(held.enter_context, self.spool.locked(wait=True))
+            await self._lock_spool(held)
             for problem in await asyncio.to_thread(self.spool.prepare, process_start=process_start):
                 log.warning("spool_recovered", detail=problem)
             self.audit = AuditLog(
@@ -193,7 +193,13 @@ class Daemon:
             )
             self.ready.set()
             await self.stopping.wait()
-            log.info("daemon_stopping")
+            log.info("daemon_stopping", sessions=inbound.connections)
+            grace = float(config.server.shutdown_grace)
+            started = loop.time()
+            left = await inbound.drain(grace)
+            if left:
+                log.warning("sessions_cut_at_shutdown", sessions=left)
+            grace = max(0.0, grace - (loop.time() - started))
         finally:
             inbound.accepting = False
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -204,7 +210,7 @@ class Daemon:
                 await server.wait_closed()
             await self.control.close()
             await self.admin.stop()
-            await worker.stop()
+            await worker.stop(grace if self.stopping.is_set() else 0.0)
         log.info("daemon_stopped")
 
     async def _listen(self, inbound: Inbound, server_context: ssl.SSLContext) -> None:
@@ -233,6 +239,23 @@ class Daemon:
                     key="server.listen",
                 ) from exc
             self.servers.append(server)
+
+    async def _lock_spool(self, stack: contextlib.ExitStack, patience: float = 10.0) -> None:
+        """Take the spool's lock, waiting a little for a CLI command that holds it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+        while True:
+            try:
+                stack.enter_context(self.spool.locked(wait=False))
+            except SpoolError as exc:
+                if loop.time() >= deadline:
+                    raise SpoolError(
+                        f"{self.config.spool_path}: the spool is in use by another process "
+                        "(is another gateway daemon running on it?)"
+                    ) from exc
+                await asyncio.sleep(0.2)
+            else:
+                return
 
     async def _start_control(self) -> None:
         try:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from gateway import records, replies
 from gateway.addresses import Address
@@ -75,7 +77,31 @@ class Inbound:
         self.accepting = True
         self.authenticator = Authenticator()
         self.notifier: Notifier | None = None  # set by the daemon
+        self.sessions: set[Any] = set()  # the GatewaySMTP sessions in flight
+        self._idle = asyncio.Event()  # set whenever no session is open
         self._background: set[asyncio.Task[str | None]] = set()
+
+    async def drain(self, grace: float) -> int:
+        """Stop accepting; tell idle sessions 421; wait up to `grace` for busy ones to finish.
+
+        Returns how many sessions were still open when the grace period ran out.
+        """
+        self.accepting = False
+        for session in list(self.sessions):
+            session.shut()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        # A session that was told 421 and is closing needs no more time: a TLS close can wait
+        # long for the peer's close_notify, and the peer has all it needs.
+        while self.connections and loop.time() < deadline:
+            if all(session.finished for session in self.sessions):
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 0.1)
+        left = sum(not session.finished for session in self.sessions)
+        for session in list(self.sessions):
+            session.abort()
+        return left
 
     def admit(self, peer_ip: str) -> bool:
         """Count a new session in, unless the total or per-address limit is reached."""
@@ -86,11 +112,14 @@ class Inbound:
             return False
         self.connections += 1
         self.per_address[peer_ip] += 1
+        self._idle.clear()
         return True
 
     def release(self, peer_ip: str) -> None:
         """Count a session out."""
         self.connections -= 1
+        if not self.connections:
+            self._idle.set()
         self.per_address[peer_ip] -= 1
         if self.per_address[peer_ip] <= 0:
             del self.per_address[peer_ip]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -31,8 +31,8 @@ def _drop_personal_data(
     return event_dict
 
 
-def configure(level: str = "info") -> None:
-    """Send JSON log lines to stdout at `level`; quiet aiosmtpd's address-logging logger."""
+def configure(level: str = "info", stream: TextIO | None = None) -> None:
+    """Send JSON log lines to stdout (or `stream`) at `level`; quiet aiosmtpd's logger."""
     # aiosmtpd's `mail.log` writes every sender and recipient at INFO: never let it.
     # Its warnings would reach stderr as plain text through logging's last-resort handler;
     # the gateway logs every refusal itself, as JSON.
@@ -52,7 +52,7 @@ def configure(level: str = "info") -> None:
             structlog.processors.JSONRenderer(),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stdout),
         cache_logger_on_first_use=False,
     )
 

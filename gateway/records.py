@@ -38,7 +38,8 @@ VERDICTS = frozenset({"release", "hold"})
 # Written only by the writer itself (`gateway.audit`), never through `AuditLog.append`.
 WRITER_EVENTS = frozenset({"checkpoint", "log_repaired"})
 MAX_REASON_LENGTH = 500
-_ACTOR = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+# A Unix user name, or uid:N for a user with no passwd entry (from SO_PEERCRED).
+_ACTOR = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}|uid:[0-9]{1,10}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _KEY_ID = re.compile(r"[0-9a-f]{16}")
 # Control characters, format characters (bidi overrides), line and paragraph separators.

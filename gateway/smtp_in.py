@@ -125,10 +125,35 @@ class GatewaySMTP(SMTP):
             await self.push(replies.TOO_MANY_CONNECTIONS)
             self._close()
             return
+        self.inbound.sessions.add(self)
         try:
             await super()._handle_client()
         finally:
+            self.inbound.sessions.discard(self)
             self.inbound.release(self.peer_ip)
+
+    @property
+    def busy(self) -> bool:
+        """True while a mail transaction is open (MAIL accepted, DATA not yet answered)."""
+        return self.sender is not None
+
+    @property
+    def finished(self) -> bool:
+        """True once nothing more will happen here: not busy, and closing or closed."""
+        return not self.busy and (self.transport is None or self.transport.is_closing())
+
+    def abort(self) -> None:
+        """Drop the connection at once (end of the shutdown grace period)."""
+        transport = self.transport
+        if isinstance(transport, asyncio.WriteTransport):
+            transport.abort()
+
+    def shut(self) -> None:
+        """At shutdown: an idle session is told 421 and closed; a busy one may finish."""
+        if self.busy or self.transport is None or self.transport.is_closing():
+            return
+        self._writer.write(replies.SHUTTING_DOWN.encode("ascii") + b"\r\n")
+        self._close()
 
     async def push(self, status: AnyStr) -> None:
         """Send a reply; after `hard_error_limit` error replies, say goodbye and close."""
@@ -237,6 +262,10 @@ class GatewaySMTP(SMTP):
 
     async def _mail_allowed(self) -> bool:
         if await self.check_helo_needed():
+            return False
+        if not self.inbound.accepting:
+            await self.push(replies.SHUTTING_DOWN)
+            self._close()
             return False
         if self.inbound.config.server.require_tls and self.tls_version() is None:
             await self.push(replies.TLS_REQUIRED)
@@ -400,6 +429,10 @@ class GatewaySMTP(SMTP):
         self._set_post_data_state()
         await self.push(reply)
         if reply is replies.TOO_SLOW:
+            self._close()
+        elif not self.inbound.accepting:
+            # Shutting down: this transaction is answered; the next one goes elsewhere.
+            await self.push(replies.SHUTTING_DOWN)
             self._close()
 
     async def _receive(self, ref: str, txn: Transaction, reader: DataReader, writer: Any) -> str:

@@ -118,12 +118,17 @@ class Worker:
         """Run the scheduling loop in the background."""
         self._runner = asyncio.get_running_loop().create_task(self._run(), name="worker")
 
-    async def stop(self) -> None:
-        """Stop scheduling and cancel attempts in flight (their spool state is unchanged)."""
+    async def stop(self, grace: float = 0.0) -> None:
+        """Stop scheduling; let attempts in flight finish within `grace`, then cancel them.
+
+        A cancelled attempt leaves its spool entry as it was: it is made again after restart.
+        """
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._runner
+        if self._tasks and grace > 0:
+            await asyncio.wait(set(self._tasks), timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
