@@ -35,6 +35,10 @@ test-deps:
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    postfix libsasl2-modules >/dev/null; }
+	@command -v systemd-analyze >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    systemd >/dev/null; }
 
 pytest: $(STAMP) test-deps
 	$(BIN)/pytest -q

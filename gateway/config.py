@@ -203,6 +203,13 @@ def _path(table: tomlfile.Table, key: str, base: Path, default: str | None = Non
     return _resolve(base, raw)
 
 
+def _metrics_listen(table: tomlfile.Table) -> str:
+    raw = table.string("listen", "")
+    if raw:
+        table.convert("listen", raw, parse_listen)
+    return raw
+
+
 def _optional_path(table: tomlfile.Table, key: str, base: Path) -> Path | None:
     raw = table.string(key, "")
     return _resolve(base, raw) if raw else None
@@ -382,7 +389,7 @@ def parse(root: tomlfile.Table, base: Path) -> Config:
         delivery=_delivery(root.table("delivery"), base),
         notices_enabled=notices.boolean("enabled", default=True),
         notices_from=notices.string("from", f"postmaster@{server.hostname}"),
-        metrics_listen=metrics.string("listen", ""),
+        metrics_listen=_metrics_listen(metrics),
         control_socket=_path(control, "socket", base, "/run/gateway/control.sock"),
         log_level=logging.string("level", "info", choices=("debug", "info", "warning", "error")),
     )

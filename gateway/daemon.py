@@ -11,27 +11,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import faulthandler
 import functools
+import os
 import signal
 import ssl
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from gateway import records, tls
 from gateway.admin import AdminService
 from gateway.audit import AuditLog
-from gateway.config import Config, ListenAddress
+from gateway.config import Config, ListenAddress, parse_listen
 from gateway.config import load as load_config
 from gateway.control import ControlServer
 from gateway.delivery import Deliverer
 from gateway.errors import ConfigError, GatewayError, SpoolError
 from gateway.holdqueue import HoldQueue
 from gateway.inbound import Inbound
-from gateway.keys import load_keys
+from gateway.keys import SPOOL_KEY_FILE, load_keys
 from gateway.logconfig import get_logger
+from gateway.metrics import Metrics, MetricsServer, audit_source, queue_source
 from gateway.notifier import Notifier
 from gateway.policy import Policy, load_policy
 from gateway.queue_index import QueueIndex
+from gateway.sdnotify import SystemdNotifier, keep_alive
 from gateway.smtp_in import GatewaySMTP
 from gateway.spool import Spool
 from gateway.worker import DecisionSigner, Worker
@@ -66,12 +71,42 @@ class Daemon:
         self.inbound: Inbound | None = None
         self._background: set[asyncio.Task[object]] = set()
         self.control = ControlServer(config.control_socket, {"reload": self._control_reload})
+        self.sd = SystemdNotifier.from_environment()
+        self.metrics = Metrics()
+        self.metrics_server: MetricsServer | None = None
+        self.metrics_port = 0
 
     async def run(self) -> None:
         """Start everything, serve until asked to stop, then stop everything."""
+        faulthandler.enable()  # a watchdog abort shows every thread's frames in the journal
+        watchdog: asyncio.Task[None] | None = None
+        if self.sd is not None:
+            self.sd.status("starting: keys, policy, spool recovery")
+            interval = self.sd.watchdog_interval()
+            if interval is not None:
+                # Pings come from the event loop itself: a stuck loop stops them.
+                watchdog = asyncio.get_running_loop().create_task(keep_alive(self.sd, interval))
+        try:
+            await self._run()
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watchdog
+            if self.sd is not None:
+                self.sd.close()
+
+    async def _run(self) -> None:
         config = self.config
         process_start = time.time()
-        keys = await asyncio.to_thread(load_keys, config.keys_path)
+        # Under systemd the keys come as credentials (LoadCredential=); else from [keys] path.
+        credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+        keys_path = (
+            Path(credentials)
+            if credentials and (Path(credentials) / SPOOL_KEY_FILE).exists()
+            else config.keys_path
+        )
+        keys = await asyncio.to_thread(load_keys, keys_path)
         self.policy = PolicyHolder(await asyncio.to_thread(load_policy, config.policy_path))
         server_context = await asyncio.to_thread(
             functools.partial(
@@ -137,6 +172,7 @@ class Daemon:
             delivery=config.delivery,
             policy=self.policy,
             clock=utc_now,
+            metrics=self.metrics,
             signer=(
                 DecisionSigner(self.keys.dkim_key, config.dkim)
                 if config.dkim.enabled and self.keys.dkim_key is not None
@@ -144,6 +180,8 @@ class Daemon:
             ),
         )
         index = QueueIndex(self.spool)
+        self.metrics.set_queue_source(queue_source(index, utc_now))
+        self.metrics.set_audit_source(audit_source(self.audit, utc_now))
         notifier = Notifier(config=config, spool=self.spool, enqueue=worker.enqueue, clock=utc_now)
         worker.notifier = notifier
         self.admin = AdminService(
@@ -157,6 +195,7 @@ class Daemon:
                 enqueue=worker.enqueue,
                 clock=utc_now,
                 max_age=config.hold_max_age,
+                metrics=self.metrics,
             ),
             clock=utc_now,
             expiry_every=min(60.0, config.hold_max_age / 4),
@@ -173,12 +212,14 @@ class Daemon:
             audit=self.audit,
             pseudonym_key=pseudonym_key,
             on_accepted=worker.enqueue,
+            metrics=self.metrics,
         )
         inbound.notifier = notifier
         loop = asyncio.get_running_loop()
         try:
             await self._listen(inbound, server_context)
             await self._start_control()
+            await self._start_metrics()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self.stopping.set)
             loop.add_signal_handler(
@@ -192,8 +233,17 @@ class Daemon:
                 clients=len(config.clients),
             )
             self.ready.set()
+            if self.sd is not None:
+                listening = ", ".join(a for s in self.servers for a in self._bound(s))
+                self.sd.ready(
+                    f"serving on {listening}; policy {self.policy.current.short_version}; "
+                    f"{recovered} recovered"
+                )
+                self._keep(loop.create_task(self._report_status(index, inbound)))
             await self.stopping.wait()
             log.info("daemon_stopping", sessions=inbound.connections)
+            if self.sd is not None:
+                self.sd.stopping(f"stopping: draining {inbound.connections} sessions")
             grace = float(config.server.shutdown_grace)
             started = loop.time()
             left = await inbound.drain(grace)
@@ -209,6 +259,8 @@ class Daemon:
             for server in self.servers:
                 await server.wait_closed()
             await self.control.close()
+            if self.metrics_server is not None:
+                await self.metrics_server.close()
             await self.admin.stop()
             await worker.stop(grace if self.stopping.is_set() else 0.0)
         log.info("daemon_stopped")
@@ -239,6 +291,22 @@ class Daemon:
                     key="server.listen",
                 ) from exc
             self.servers.append(server)
+
+    async def _start_metrics(self) -> None:
+        listen = self.config.metrics_listen
+        if not listen:
+            return
+        address = parse_listen(listen)
+        self.metrics_server = MetricsServer(self.metrics, address.host, address.port)
+        try:
+            port = self.metrics_port = await self.metrics_server.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {listen}: {exc.strerror or exc}",
+                file=self.config.file,
+                key="metrics.listen",
+            ) from exc
+        log.info("metrics_listening", listen=f"{address.host}:{port}")
 
     async def _lock_spool(self, stack: contextlib.ExitStack, patience: float = 10.0) -> None:
         """Take the spool's lock, waiting a little for a CLI command that holds it."""
@@ -292,6 +360,16 @@ class Daemon:
         recorded (`policy_rejected`) and the error is raised for the CLI to show.
         Sessions already connected keep the client they were matched to.
         """
+        if self.sd is not None:
+            self.sd.reloading("reloading config and policy")
+        try:
+            return await self._reload()
+        finally:
+            # READY=1 must follow RELOADING=1 on every path, or the unit stays "reloading".
+            if self.sd is not None:
+                self.sd.ready(f"serving; policy {self.policy.current.short_version}")
+
+    async def _reload(self) -> dict[str, object]:
         try:
             config = await asyncio.to_thread(load_config, self.config.file)
             policy = await asyncio.to_thread(load_policy, config.policy_path)
@@ -320,6 +398,15 @@ class Daemon:
             "releasable": [r for r in releasable if r not in released],
             "released": released,
         }
+
+    async def _report_status(self, index: QueueIndex, inbound: Inbound) -> None:
+        """A STATUS line for `systemctl status` every minute: queue sizes and sessions."""
+        while self.sd is not None:
+            await asyncio.sleep(60)
+            if index.loaded.is_set():
+                counts = index.counts()
+                queue = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+                self.sd.status(f"{queue or 'queue empty'}; {inbound.connections} sessions")
 
     async def _reload_from_signal(self) -> None:
         with contextlib.suppress(GatewayError):  # recorded and logged by reload()

@@ -19,6 +19,7 @@ from gateway import records
 from gateway.audit import AuditLog
 from gateway.errors import GatewayError
 from gateway.logconfig import get_logger
+from gateway.metrics import Metrics
 from gateway.notices import NoticeKind
 from gateway.notifier import Notifier
 from gateway.policy import Policy
@@ -57,7 +58,9 @@ class HoldQueue:
         enqueue: Callable[[QueueEntry], None],
         clock: Callable[[], datetime],
         max_age: int,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.spool = spool
         self.audit = audit
         self.policy = policy
@@ -120,6 +123,7 @@ class HoldQueue:
             )
             saved = await asyncio.to_thread(self.spool.save, released)
         log.info("message_released", ref=ref, actor=actor, dropped=len(insecure))
+        self.metrics.admin_action("released")
         self.enqueue(saved)
         if insecure:
             await self.notifier.notify(
@@ -150,6 +154,7 @@ class HoldQueue:
             )
             await asyncio.to_thread(self.spool.remove, ref)
         log.info("message_rejected", ref=ref, actor=actor)
+        self.metrics.admin_action("rejected")
         return {"ref": ref, "state": "rejected"}
 
     async def expire_due(self, held: list[dict[str, Any]]) -> list[str]:
@@ -173,6 +178,7 @@ class HoldQueue:
                 )
                 await asyncio.to_thread(self.spool.remove, entry.ref)
             log.info("message_expired", ref=entry.ref, reason="hold_max_age")
+            self.metrics.admin_action("expired")
             expired.append(entry.ref)
         return expired
 

@@ -25,6 +25,7 @@ from gateway.config import Client, Config
 from gateway.decision import Decision, Verdict, decide
 from gateway.errors import AuditError, SpoolError
 from gateway.logconfig import get_logger
+from gateway.metrics import Metrics
 from gateway.notices import NoticeKind
 from gateway.notifier import Notifier
 from gateway.policy import DomainVerdict, Policy
@@ -64,7 +65,9 @@ class Inbound:
         pseudonym_key: bytes,
         on_accepted: Callable[[QueueEntry], None],
         clock: Callable[[], datetime] = utc_now,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.config = config
         self.policy = policy
         self.spool = spool
@@ -165,7 +168,9 @@ class Inbound:
             await self.audit.append(event)
         except AuditError:
             log.exception("audit_write_failed", step="refused")
+            self.metrics.message_refused("spool_failed")
             return replies.INTERNAL_ERROR
+        self.metrics.message_refused(reason)
         log.info(
             "recipient_refused",
             client=client.name,
@@ -225,6 +230,7 @@ class Inbound:
             staged = await asyncio.to_thread(self.spool.stage, writer, entry)
         except SpoolError:
             log.exception("spool_write_failed", ref=ref)
+            self.metrics.message_refused("spool_failed")
             return replies.SPOOL_FAILED
         event = records.accepted(
             ref=ref,
@@ -249,12 +255,15 @@ class Inbound:
             # No record, no acceptance: drop the staged files and let the client retry.
             log.exception("audit_write_failed", ref=ref, step="accepted")
             await asyncio.to_thread(self.spool.discard, staged)
+            self.metrics.message_refused("spool_failed")
             return replies.SPOOL_FAILED
         try:
             await asyncio.to_thread(self.spool.publish, staged)
         except SpoolError:
             log.exception("spool_write_failed", ref=ref, step="publish")
+            self.metrics.message_refused("spool_failed")
             return replies.SPOOL_FAILED
+        self.metrics.message_accepted(str(decision.verdict))
         log.info(
             "message_accepted",
             ref=ref,

@@ -8,6 +8,7 @@ loaded once at start, off the event loop.
 
 from __future__ import annotations
 
+import collections
 import gc
 import threading
 from collections.abc import Iterable
@@ -59,6 +60,11 @@ class QueueIndex:
         with self._lock:
             rows = list(self._summaries.values())
         return sorted(_filter(rows, state, domain, older_than), key=lambda r: str(r["ref"]))
+
+    def counts(self) -> dict[str, int]:
+        """How many messages are in each state."""
+        with self._lock:
+            return dict(collections.Counter(str(r["state"]) for r in self._summaries.values()))
 
     def __len__(self) -> int:
         with self._lock:

@@ -15,12 +15,21 @@ password always pays the full price.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hashlib
 import hmac
 import ssl
+from typing import Any
 
+from aiosmtpd.smtp import AuthResult
+
+from gateway import replies
 from gateway.config import Client
+from gateway.logconfig import get_logger
 from gateway.passwords import VerifiedCache, dummy_hash, verify_password
+
+log = get_logger("smtp_auth")
 
 
 class Authenticator:
@@ -74,3 +83,65 @@ def identity_missing(client: Client, *, authenticated: bool, fingerprint: str | 
     if pinned is not None and (fingerprint is None or not hmac.compare_digest(pinned, fingerprint)):
         return "client_certificate_required"
     return None
+
+
+class AuthMechanisms:
+    """SMTP AUTH PLAIN and LOGIN for `GatewaySMTP`, checked by the shared `Authenticator`.
+
+    aiosmtpd finds these `auth_*` methods on the session; its own versions call a synchronous
+    authenticator, while the scrypt check here runs off the event loop.
+    """
+
+    # Provided by aiosmtpd's SMTP and by GatewaySMTP, which this is mixed into.
+    inbound: Any
+    client: Any
+    push: Any
+    challenge_auth: Any
+    _client_name: Any
+    AuthLoginUsernameChallenge: Any
+    AuthLoginPasswordChallenge: Any
+
+    async def auth_PLAIN(self, _server: Any, args: list[str]) -> AuthResult:
+        """RFC 4616: one blob `authzid NUL authcid NUL password`, inline or after a 334."""
+        if len(args) == 1:
+            blob = await self.challenge_auth("")
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                blob = base64.b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await self.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        parts = blob.split(b"\0")
+        if len(parts) != 3:
+            await self.push(replies.AUTH_BAD_BASE64)
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate_async("PLAIN", parts[1], parts[2])
+
+    async def auth_LOGIN(self, _server: Any, args: list[str]) -> AuthResult:
+        """The LOGIN mechanism: user name and password each after a 334 challenge."""
+        if len(args) == 1:
+            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+        else:
+            try:
+                login = base64.b64decode(args[1].encode(), validate=True)
+            except binascii.Error:
+                await self.push(replies.AUTH_BAD_BASE64)
+                return AuthResult(success=False, handled=True)
+        if not isinstance(login, bytes):
+            return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if not isinstance(password, bytes):
+            return AuthResult(success=False, handled=True)
+        return await self._authenticate_async("LOGIN", login, password)
+
+    async def _authenticate_async(
+        self, mechanism: str, login: bytes, password: bytes
+    ) -> AuthResult:
+        if await self.inbound.authenticator.check(self.client, login, password):
+            log.info("client_authenticated", client=self._client_name(), mechanism=mechanism)
+            return AuthResult(success=True, auth_data=self._client_name())
+        log.warning("auth_failed", client=self._client_name(), mechanism=mechanism)
+        self.inbound.metrics.message_refused("auth_failed")
+        return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)

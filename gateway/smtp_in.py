@@ -14,15 +14,13 @@ gateway overrides what it cannot trust or must do differently:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import collections
 import ssl
 import warnings
 from typing import Any, AnyStr
 
 import structlog
-from aiosmtpd.smtp import SMTP, AuthResult, TLSSetupException
+from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from gateway import replies
 from gateway.addresses import Address, MailPath, parse_path
@@ -33,7 +31,7 @@ from gateway.inbound import Inbound, Transaction
 from gateway.logconfig import get_logger
 from gateway.policy import OnInsecure
 from gateway.reference import new_reference
-from gateway.smtp_auth import certificate_fingerprint, identity_missing
+from gateway.smtp_auth import AuthMechanisms, certificate_fingerprint, identity_missing
 from gateway.smtp_data import DataError, DataReader
 
 log = get_logger("smtp_in")
@@ -53,8 +51,11 @@ _DATA_ERROR_REPLIES = {
 }
 
 
-class GatewaySMTP(SMTP):
+class GatewaySMTP(AuthMechanisms, SMTP):
     """One inbound SMTP connection."""
+
+    inbound: Inbound
+    client: Client | None
 
     def __init__(
         self, inbound: Inbound, *, tls_context: ssl.SSLContext | None, implicit_tls: bool
@@ -113,6 +114,7 @@ class GatewaySMTP(SMTP):
         self.client = self.inbound.config.client_for(self.peer_ip)
         if self.client is None:
             log.warning("connection_refused", peer=self.peer_ip, reason="not_a_client")
+            self.inbound.metrics.message_refused("not_a_client")
             await self.push(replies.NOT_A_CLIENT)
             self._close()
             return
@@ -122,15 +124,18 @@ class GatewaySMTP(SMTP):
             return
         if not self.inbound.admit(self.peer_ip):
             log.warning("connection_refused", peer=self.peer_ip, reason="too_many_connections")
+            self.inbound.metrics.message_refused("too_many_connections")
             await self.push(replies.TOO_MANY_CONNECTIONS)
             self._close()
             return
         self.inbound.sessions.add(self)
+        self.inbound.metrics.session_opened()
         try:
             await super()._handle_client()
         finally:
             self.inbound.sessions.discard(self)
             self.inbound.release(self.peer_ip)
+            self.inbound.metrics.session_closed()
 
     @property
     def busy(self) -> bool:
@@ -169,6 +174,7 @@ class GatewaySMTP(SMTP):
             self.errors += 1
             if self.errors >= self.inbound.config.server.hard_error_limit:
                 log.warning("session_closed", reason="too_many_errors", client=self._client_name())
+                self.inbound.metrics.message_refused("too_many_errors")
                 await super().push(replies.TOO_MANY_ERRORS)
                 self._close()
 
@@ -176,6 +182,7 @@ class GatewaySMTP(SMTP):
         """Idle too long: say so with 421 4.4.2 before closing (aiosmtpd closes silently)."""
         if self.transport is not None and not self.transport.is_closing():
             log.info("session_closed", reason="idle_timeout", client=self._client_name())
+            self.inbound.metrics.message_refused("idle_timeout")
             self._writer.write(replies.TIMEOUT.encode("ascii") + b"\r\n")
         super()._timeout_cb()  # type: ignore[no-untyped-call]
 
@@ -188,6 +195,7 @@ class GatewaySMTP(SMTP):
         if isinstance(error, TLSSetupException):
             # A client that asked for STARTTLS and did not complete the handshake: its loss.
             log.info("tls_handshake_failed", client=self._client_name(), peer=self.peer_ip)
+            self.inbound.metrics.tls_failure("tls_handshake_failed")
             return replies.INTERNAL_ERROR  # not sent: aiosmtpd closes the connection
         log.error("session_error", error_type=type(error).__name__, client=self._client_name())
         return replies.INTERNAL_ERROR
@@ -212,53 +220,10 @@ class GatewaySMTP(SMTP):
     async def smtp_AUTH(self, arg: str) -> None:
         """AUTH PLAIN or LOGIN, only inside TLS (530 5.7.0 before it, as the SPEC says)."""
         if self.tls_version() is None:
+            self.inbound.metrics.message_refused("tls_required")
             await self.push(replies.TLS_REQUIRED)
             return
         await super().smtp_AUTH(arg)
-
-    async def auth_PLAIN(self, _server: Any, args: list[str]) -> AuthResult:
-        """RFC 4616: one blob `authzid NUL authcid NUL password`, inline or after a 334."""
-        if len(args) == 1:
-            blob = await self.challenge_auth("")
-            if not isinstance(blob, bytes):
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                blob = base64.b64decode(args[1].encode(), validate=True)
-            except binascii.Error:
-                await self.push(replies.AUTH_BAD_BASE64)
-                return AuthResult(success=False, handled=True)
-        parts = blob.split(b"\0")
-        if len(parts) != 3:
-            await self.push(replies.AUTH_BAD_BASE64)
-            return AuthResult(success=False, handled=True)
-        return await self._authenticate_async("PLAIN", parts[1], parts[2])
-
-    async def auth_LOGIN(self, _server: Any, args: list[str]) -> AuthResult:
-        """The LOGIN mechanism: user name and password each after a 334 challenge."""
-        if len(args) == 1:
-            login = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-        else:
-            try:
-                login = base64.b64decode(args[1].encode(), validate=True)
-            except binascii.Error:
-                await self.push(replies.AUTH_BAD_BASE64)
-                return AuthResult(success=False, handled=True)
-        if not isinstance(login, bytes):
-            return AuthResult(success=False, handled=True)
-        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
-        if not isinstance(password, bytes):
-            return AuthResult(success=False, handled=True)
-        return await self._authenticate_async("LOGIN", login, password)
-
-    async def _authenticate_async(
-        self, mechanism: str, login: bytes, password: bytes
-    ) -> AuthResult:
-        if await self.inbound.authenticator.check(self.client, login, password):
-            log.info("client_authenticated", client=self._client_name(), mechanism=mechanism)
-            return AuthResult(success=True, auth_data=self._client_name())
-        log.warning("auth_failed", client=self._client_name(), mechanism=mechanism)
-        return AuthResult(success=False, handled=False, message=replies.AUTH_FAILED)
 
     async def _mail_allowed(self) -> bool:
         if await self.check_helo_needed():
@@ -268,6 +233,7 @@ class GatewaySMTP(SMTP):
             self._close()
             return False
         if self.inbound.config.server.require_tls and self.tls_version() is None:
+            self.inbound.metrics.message_refused("tls_required")
             await self.push(replies.TLS_REQUIRED)
             return False
         if self.client is not None:
@@ -281,6 +247,7 @@ class GatewaySMTP(SMTP):
             )
             if missing is not None:
                 log.info("sender_refused", reason=missing, client=self.client.name)
+                self.inbound.metrics.message_refused(missing)
                 await self.push(replies.AUTH_REQUIRED)
                 return False
         return True
@@ -298,6 +265,7 @@ class GatewaySMTP(SMTP):
         try:
             path = parse_path(arg[5:])
         except AddressError as exc:
+            self.inbound.metrics.message_refused(exc.reason)
             log.info(
                 "address_refused", command="MAIL", reason=exc.reason, client=self._client_name()
             )
@@ -319,6 +287,7 @@ class GatewaySMTP(SMTP):
                 client=self._client_name(),
                 domain=path.address.domain if path.address else "",
             )
+            self.inbound.metrics.message_refused("sender_not_allowed")
             await self.push(replies.sender_not_allowed())
             return
         if not await asyncio.to_thread(self.inbound.has_space):
@@ -359,6 +328,7 @@ class GatewaySMTP(SMTP):
         try:
             path = parse_path(arg[3:], smtputf8=self.smtputf8)
         except AddressError as exc:
+            self.inbound.metrics.message_refused(exc.reason)
             log.info("address_refused", command="RCPT", reason=exc.reason, client=self.client.name)
             await self.push(replies.bad_address(exc.reason))
             return
@@ -369,6 +339,7 @@ class GatewaySMTP(SMTP):
             await self.push(replies.bad_address("bad_syntax"))
             return
         if len(self.recipients) >= self.inbound.config.server.max_recipients:
+            self.inbound.metrics.message_refused("too_many_recipients")
             await self.push(replies.TOO_MANY_RECIPIENTS)
             return
         recipient = path.address
@@ -404,6 +375,7 @@ class GatewaySMTP(SMTP):
             writer = await asyncio.to_thread(inbound.spool.new_message, ref)
         except SpoolError:
             log.exception("spool_write_failed", ref=ref)
+            self.inbound.metrics.message_refused("spool_failed")
             await self.push(replies.SPOOL_FAILED)
             self._set_post_data_state()
             return
@@ -462,6 +434,7 @@ class GatewaySMTP(SMTP):
                 # A trickle (slower than min_data_rate after the idle_timeout's grace), or an
                 # upload past the overall DATA time limit.
                 await asyncio.to_thread(writer.abort)
+                self.inbound.metrics.message_refused("too_slow")
                 log.warning("message_refused", ref=ref, reason="too_slow", client=txn.client.name)
                 return replies.TOO_SLOW
             if now - last_reset >= rearm_every:
@@ -482,6 +455,7 @@ class GatewaySMTP(SMTP):
             log.warning(
                 "message_refused", ref=ref, reason=str(reader.error), client=txn.client.name
             )
+            self.inbound.metrics.message_refused(str(reader.error))
             return _DATA_ERROR_REPLIES[reader.error]
         if not failed:
             try:
@@ -491,6 +465,7 @@ class GatewaySMTP(SMTP):
                 failed = True
         if failed:
             await asyncio.to_thread(writer.abort)
+            self.inbound.metrics.message_refused("spool_failed")
             return replies.SPOOL_FAILED
         return await self.inbound.accept(
             ref,

@@ -26,6 +26,7 @@ from gateway.delivery import Attempt, Deliverer
 from gateway.errors import AuditError, DeliveryError, PermanentDeliveryError, SpoolError
 from gateway.headers import decision_field
 from gateway.logconfig import get_logger
+from gateway.metrics import Metrics
 from gateway.notices import NoticeKind
 from gateway.notifier import Notifier
 from gateway.policy import Policy
@@ -77,7 +78,9 @@ class Worker:
         policy: Callable[[], Policy],
         clock: Callable[[], datetime],
         signer: DecisionSigner | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.signer = signer
         self.spool = spool
         self.audit = audit
@@ -332,6 +335,8 @@ class Worker:
     ) -> None:
         if not group:
             return
+        latency = (self.clock() - entry.received).total_seconds()
+        self.metrics.delivery(event, reason, latency if event == "delivered" else None, len(group))
         if entry.notice:
             # Notices are not safeguarding mail: their outcomes go to the operational log only.
             log.info(

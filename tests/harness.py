@@ -222,8 +222,15 @@ def _decode(reply: tuple[int, bytes]) -> tuple[int, str]:
 class GatewayProcess:
     """The daemon as a real subprocess, for crash and restart tests."""
 
-    def __init__(self, setup: GatewaySetup, *, file_size_limit: int | None = None) -> None:
+    def __init__(
+        self,
+        setup: GatewaySetup,
+        *,
+        file_size_limit: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.setup = setup
+        self.extra_env = env or {}
         self.file_size_limit = file_size_limit
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -232,7 +239,7 @@ class GatewayProcess:
 
     def start(self, timeout: float = 20) -> int:
         """Start `gateway serve`; wait for its daemon_started line; return the port."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         # With a file size limit, writes past it fail with EFBIG (CPython ignores SIGXFSZ):
         # a real storage failure, without mocks and without root.
         limit = self.file_size_limit
