@@ -222,6 +222,26 @@ def cmd_queue_reject(args: argparse.Namespace) -> int:
 # -- audit -----------------------------------------------------------------------------------
 
 
+# -- shipped examples --------------------------------------------------------------------------
+
+
+def _print_shipped(name: str) -> int:
+    from importlib.resources import files  # noqa: PLC0415
+
+    sys.stdout.write(files("gateway").joinpath("share", name).read_text(encoding="utf-8"))
+    return EXIT_OK
+
+
+def cmd_example_config(_args: argparse.Namespace) -> int:
+    """Print the example production config shipped with the package."""
+    return _print_shipped("gateway.toml")
+
+
+def cmd_example_policy(_args: argparse.Namespace) -> int:
+    """Print the default secure-domain policy shipped with the package."""
+    return _print_shipped("secure-domains.toml")
+
+
 # -- reload ----------------------------------------------------------------------------------
 
 
@@ -263,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add(sub, "serve", cmd_serve, "run the daemon")
     add(sub, "reload", cmd_reload, "reload client list and policy in the running daemon")
+    add(sub, "example-config", cmd_example_config, "print the example production config")
+    add(sub, "example-policy", cmd_example_policy, "print the default secure-domain policy")
     keys = sub.add_parser("keys", help="key management").add_subparsers(
         dest="action", required=True, parser_class=_Parser
     )
