@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,3 +320,10 @@ def without_dkim(content: bytes) -> bytes:
     while lines[rest][:1] in (b" ", b"\t"):
         rest += 1
     return b"\r\n".join(lines[rest:])
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 20.0) -> None:
+    """Wait until `predicate()` is true, failing after `timeout` seconds (polls every 20 ms)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)

@@ -15,7 +15,7 @@ import pytest
 
 from gateway import tls
 from gateway.audit import read_records
-from tests.harness import GatewayProcess, make_setup, smtp_send
+from tests.harness import GatewayProcess, eventually, make_setup, smtp_send
 from tests.receiver import start_receiver, stop_receiver
 
 SENDER = "duty.officer@bromley.gcsx.gov.uk"
@@ -31,13 +31,6 @@ def gateway(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-async def eventually(predicate, timeout: float = 20.0) -> None:
-    """Wait until `predicate()` is true, failing after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 @pytest.fixture(scope="module")

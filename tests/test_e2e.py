@@ -13,7 +13,7 @@ from gateway.audit import read_records
 from gateway.dkim import verify_message
 from gateway.keys import DKIM_PUBLIC_KEY_FILE, load_public_key
 from gateway.spool import State
-from tests.harness import make_setup, running_gateway, smtp_send, without_dkim
+from tests.harness import eventually, make_setup, running_gateway, smtp_send, without_dkim
 from tests.receiver import start_receiver, stop_receiver
 
 SENDER = "duty.officer@bromley.gcsx.gov.uk"
@@ -25,13 +25,6 @@ def message(subject: str = "OFFICIAL-SENSITIVE [PERSONAL] referral", extra: byte
     """A small message with the given subject and extra header lines."""
     head = f"From: Duty Officer <{SENDER}>\r\nTo: lead@nhs.net\r\nSubject: {subject}\r\n".encode()
     return head + extra + b"\r\n" + BODY
-
-
-async def eventually(predicate, timeout: float = 15.0) -> None:
-    """Wait until `predicate()` is true, failing after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 def header_section(content: bytes) -> bytes:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from gateway.audit import read_records
-from tests.harness import GatewayProcess, make_setup, smtp_send, without_dkim
+from tests.harness import GatewayProcess, eventually, make_setup, smtp_send, without_dkim
 
 SENDER = "duty.officer@bromley.gcsx.gov.uk"
 REF = re.compile(r"SG-[0-9A-HJKMNP-TV-Z]{26}")
@@ -27,13 +27,6 @@ def gateway_cli(setup, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=60,
         check=False,
     )
-
-
-async def eventually(predicate, timeout: float = 20.0) -> None:
-    """Wait until `predicate()` is true, failing after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 def to_lead(handler) -> list:

@@ -7,16 +7,9 @@ import signal
 import socket
 import urllib.request
 
-from tests.harness import GatewayProcess, make_setup, running_gateway, smtp_send
+from tests.harness import GatewayProcess, eventually, make_setup, running_gateway, smtp_send
 
 SENDER = "duty.officer@bromley.gcsx.gov.uk"
-
-
-async def eventually(predicate, timeout: float = 20.0) -> None:
-    """Wait until `predicate()` is true, failing after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 def scrape(port: int) -> str:

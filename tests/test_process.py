@@ -9,18 +9,11 @@ import sys
 
 from gateway import replies
 from gateway.audit import read_records, verify_chain
-from tests.harness import GatewayProcess, make_setup, smtp_send, without_dkim
+from tests.harness import GatewayProcess, eventually, make_setup, smtp_send, without_dkim
 from tests.receiver import start_receiver, stop_receiver
 
 SENDER = "duty.officer@bromley.gcsx.gov.uk"
 REF = re.compile(r"SG-[0-9A-HJKMNP-TV-Z]{26}")
-
-
-async def eventually(predicate, timeout: float = 20.0) -> None:
-    """Wait until `predicate()` is true, failing after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 async def free_port(server_tls_context) -> int:

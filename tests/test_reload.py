@@ -9,7 +9,7 @@ import sys
 
 from gateway import replies
 from gateway.audit import read_records
-from tests.harness import GatewayProcess, make_setup, smtp_send
+from tests.harness import GatewayProcess, eventually, make_setup, smtp_send
 from tests.test_smtp_in import SENDER, RawClient
 
 NHS_ONLY_REMOVED = """
@@ -36,13 +36,6 @@ def gateway_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def events(setup, name):
     """The audit records of one event."""
     return [r for r in read_records(setup.config.audit_path) if r["event"] == name]
-
-
-async def eventually(predicate, timeout: float = 15.0) -> None:
-    """Wait until `predicate()` is true, failing after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 async def test_reload_command_swaps_the_policy_and_a_bad_policy_keeps_the_old(

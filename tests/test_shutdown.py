@@ -12,18 +12,11 @@ import time
 from gateway import replies
 from gateway.audit_verify import verify
 from gateway.keys import load_public_key
-from tests.harness import GatewayProcess, make_setup, smtp_send
+from tests.harness import GatewayProcess, eventually, make_setup, smtp_send
 from tests.test_smtp_in import RawClient
 
 SENDER = "duty.officer@bromley.gcsx.gov.uk"
 REF = re.compile(rb"SG-[0-9A-HJKMNP-TV-Z]{26}")
-
-
-async def eventually(predicate, timeout: float = 30.0) -> None:
-    """Wait until `predicate()` is true, failing after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.02)
 
 
 def load(port, context, stop: threading.Event, accepted: list[str], lock: threading.Lock) -> None:
