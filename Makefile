@@ -39,6 +39,10 @@ test-deps:
 	  apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    systemd >/dev/null; }
+	@command -v strace >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { \
+	  apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    strace >/dev/null; }
 
 pytest: $(STAMP) test-deps
 	$(BIN)/pytest -q

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import subprocess
 import sys
 
 from gateway import replies
 from gateway.audit import read_records, verify_chain
+from gateway.keys import init_keys
 from tests.harness import GatewayProcess, eventually, make_setup, smtp_send, without_dkim
 from tests.receiver import start_receiver, stop_receiver
 
@@ -166,3 +168,27 @@ async def test_no_personal_data_in_audit_log_daemon_output_or_spool(tmp_path, ca
         assert canary not in audit_text
         assert canary not in output
         assert canary.encode() not in spool_bytes.lower()
+
+
+async def test_daemon_refuses_to_extend_a_log_sealed_with_another_key(tmp_path, ca, receiver):
+    """Started with a different audit-signing key, the daemon stops with one clear line."""
+    port, _handler = receiver
+    setup = make_setup(tmp_path, ca, receiver_port=port)
+    first = GatewayProcess(setup)
+    await asyncio.to_thread(first.start)
+    assert await asyncio.to_thread(first.terminate) == 0
+    before = sorted(p.read_bytes() for p in (setup.root / "audit").glob("transfer-*.jsonl"))
+    shutil.rmtree(setup.root / "keys")
+    init_keys(setup.root / "keys")
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "gateway.cli", "serve", "--config", str(setup.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "sealed with key" in result.stderr
+    after = sorted(p.read_bytes() for p in (setup.root / "audit").glob("transfer-*.jsonl"))
+    assert after == before
