@@ -75,6 +75,7 @@ import trustme  # noqa: E402
 from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
 
 from tests.harness import GatewayProcess, make_setup  # noqa: E402
+from tests.postfix_agency import MASTER_CF as AGENCY_MASTER_CF  # noqa: E402
 from tests.postfix_agency import POSTFIX, PostfixAgency, free_port, instance_root  # noqa: E402
 
 SENDER = "duty.officer@bromley.gcsx.gov.uk"
@@ -483,30 +484,8 @@ def percentile(values: list[float], fraction: float) -> float | None:
 
 # -- the servers --------------------------------------------------------------------------------
 
-MASTER_CF = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-tlsproxy  unix  -       -       n       -       0       tlsproxy
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# The relay-only services of the test harness's private instance, plus tlsproxy.
+MASTER_CF = AGENCY_MASTER_CF + "tlsproxy  unix  -       -       n       -       0       tlsproxy\n"
 
 
 @dataclass
