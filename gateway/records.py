@@ -188,6 +188,17 @@ def delivery(
     return AuditEvent(event, ref, fields)
 
 
+def attempt(*, ref: str, recipients: Sequence[str], host: str) -> AuditEvent:
+    """Record a delivery attempt before it starts.
+
+    If the gateway dies before the outcome is recorded, the copy the recipient may receive
+    twice is explained by this record.
+    """
+    return AuditEvent(
+        "attempt", ref, {"recipients": [_pseudonym(alias) for alias in recipients], "host": host}
+    )
+
+
 def held(*, ref: str, reasons: Sequence[str], policy: str) -> AuditEvent:
     """Build `held`: a released message, insecure at delivery time, moved to the hold queue."""
     return AuditEvent("held", ref, {"reasons": list(reasons), "policy": policy})

@@ -218,13 +218,20 @@ class Worker:
     ) -> Outcome:
         if route is None:
             return ("no_route", group, None, None)
+        host = f"{route.host}:{route.port}"
+        if not entry.notice:
+            # Recorded before the message can reach the recipient: an attempt with no outcome
+            # after it (the gateway died) explains a second copy after the restart.
+            await self.audit.append(
+                records.attempt(ref=entry.ref, recipients=[r.pseudonym for r in group], host=host)
+            )
         try:
             attempt = await self.deliverer.deliver(
                 route, entry.sender, [r.address for r in group], message
             )
         except DeliveryError as exc:
-            return (f"{route.host}:{route.port}", group, None, exc)
-        return (f"{route.host}:{route.port}", group, attempt, None)
+            return (host, group, None, exc)
+        return (host, group, attempt, None)
 
     async def _settle(self, entry: QueueEntry, outcomes: Sequence[Outcome]) -> None:
         status: dict[str, str] = {}

@@ -74,7 +74,7 @@ DECISION = b"X-Safeguarding-Decision: "
 
 ACK, NACK, UNK, NOSEND = "ACK", "NACK", "UNK", "NOSEND"
 OUTCOMES = (ACK, NACK, UNK, NOSEND)
-DUPLICATE_KINDS = ("ambiguous_deferred", "crash_window_recorded", "crash_window_unrecorded")
+DUPLICATE_KINDS = ("ambiguous_in_log", "crash_window_recorded", "crash_window_unrecorded")
 CLIENT_TIMEOUT = 10.0
 
 
@@ -552,7 +552,7 @@ def _explain(
     """Why a message arrived more than once, or None if nothing explains it."""
     ambiguous = sum(
         r.get("event") == "deferred" and r.get("reason") == "ambiguous" for r in events.get(ref, [])
-    )
+    ) + unfinished_attempts(events.get(ref, []))
     early = sum(i < before_restart for i in indices)
     crash_window = early >= 1 and len(indices) - early >= 1
     extra = len(indices) - 1
@@ -560,7 +560,7 @@ def _explain(
         return None
     if extra > ambiguous:  # the crash window is needed to explain one copy
         return "crash_window_recorded" if ref in first_run_delivered else "crash_window_unrecorded"
-    return "ambiguous_deferred"
+    return "ambiguous_in_log"
 
 
 def _check_files(setup: GatewaySetup, bad: list[str]) -> None:
@@ -582,3 +582,16 @@ def _check_files(setup: GatewaySetup, bad: list[str]) -> None:
             f"spool inconsistent: content without envelope {sorted(data - metas)},"
             f" envelope without content {sorted(metas - data)}"
         )
+
+
+def unfinished_attempts(records: list[dict[str, Any]]) -> int:
+    """Attempts with no outcome recorded before the next attempt: the gateway died mid-way."""
+    count, open_attempt = 0, False
+    for record in records:
+        event = record.get("event")
+        if event == "attempt":
+            count += open_attempt
+            open_attempt = True
+        elif event in ("delivered", "deferred", "bounced"):
+            open_attempt = False
+    return count + open_attempt
