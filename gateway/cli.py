@@ -103,6 +103,17 @@ def cmd_passwd(args: argparse.Namespace) -> int:  # noqa: ARG001  (every handler
     return EXIT_OK
 
 
+def cmd_keys_dkim_record(args: argparse.Namespace) -> int:
+    """Print the DKIM TXT record for the existing key (from dkim.pub: no secret needed)."""
+    from gateway.keys import DKIM_PUBLIC_KEY_FILE, dkim_record_for, load_public_key  # noqa: PLC0415
+
+    config = _load_config(args)
+    record = dkim_record_for(load_public_key(config.keys_path / DKIM_PUBLIC_KEY_FILE))
+    dkim = config.dkim
+    sys.stdout.write(f'{dkim.selector}._domainkey.{dkim.domain}. IN TXT "{record}"\n')
+    return EXIT_OK
+
+
 # -- policy ----------------------------------------------------------------------------------
 
 
@@ -289,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True, parser_class=_Parser
     )
     add(keys, "init", cmd_keys_init, "create keys and print the public key")
+    add(keys, "dkim-record", cmd_keys_dkim_record, "print the DKIM TXT record to publish")
     add(sub, "passwd", cmd_passwd, "read a password on stdin, print an auth_password_hash")
 
     policy = sub.add_parser("policy", help="the secure-domain policy").add_subparsers(

@@ -156,3 +156,12 @@ def test_queue_show_of_an_unknown_ref_is_one_line(setup):
     assert result.returncode == 1
     assert "SG-01KAWY5Q3J0V6N9XK1M2T4R8BC" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_keys_dkim_record_prints_the_txt_record_again(setup):
+    """The DKIM record can be printed again at any time, from the public key alone."""
+    result = gateway("keys", "dkim-record", "--config", str(setup.config_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(
+        'gateway._domainkey.gateway.test. IN TXT "v=DKIM1; k=ed25519; p='
+    )
