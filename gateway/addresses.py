@@ -198,7 +198,7 @@ def _check_domain(domain: str, *, smtputf8: bool) -> None:
         raise AddressError(TOO_LONG, f"the domain is longer than {MAX_DOMAIN} octets")
     if not domain.isascii() and not smtputf8:
         raise AddressError(SMTPUTF8_REQUIRED, "non-ASCII domain without SMTPUTF8")
-    if _is_ipv4(domain):
+    if is_ipv4(domain):
         raise AddressError(IP_LITERAL, "an IP address is not a domain")
     for label in domain.split("."):
         if not label:
@@ -212,7 +212,8 @@ def _check_domain(domain: str, *, smtputf8: bool) -> None:
                 raise AddressError(BAD_SYNTAX, "character not allowed in the domain")
 
 
-def _is_ipv4(domain: str) -> bool:
+def is_ipv4(domain: str) -> bool:
+    """True when `domain` is a dotted-quad IPv4 address, not a name."""
     try:
         ipaddress.IPv4Address(domain)
     except ValueError:

@@ -66,6 +66,7 @@ from gateway.audit_files import (
     line_hash,
     lock_folder,
     log_files,
+    parse_record,
     read_records,
     records_for,
     remove_expired,
@@ -73,6 +74,7 @@ from gateway.audit_files import (
     write_all,
 )
 from gateway.audit_verify import verify
+from gateway.config import AuditConfig
 from gateway.errors import AuditError, AuditIntegrityError
 from gateway.records import AuditEvent
 
@@ -407,11 +409,26 @@ class AuditLog:
         """Names of the files retention has removed since start (including at start)."""
         return () if self._writer is None else tuple(self._writer.removed_files)
 
+    @classmethod
+    def from_config(cls, config: AuditConfig, signing_key: Ed25519PrivateKey) -> AuditLog:
+        """The transfer log as `[audit]` describes it, sealed with `signing_key`."""
+        return cls(
+            config.path,
+            signing_key=signing_key,
+            checkpoint_every=config.checkpoint_every,
+            checkpoint_interval=config.checkpoint_interval,
+            rotate=config.rotate,
+            rotate_size=config.rotate_size,
+            retain_days=config.retain_days,
+        )
+
     async def start(self) -> None:
         """Open the log, recover and repair its tail, and start the writer thread."""
         if self._writer is not None or self._closed:
             raise AuditError("the transfer log was already started")
         self._loop = asyncio.get_running_loop()
+        if self._settings.signing_key is not None:
+            await asyncio.to_thread(_check_sealing_key, self.folder, self._settings.key_id)
         writer = _ChainWriter(self.folder, self._settings, self._clock)
         try:
             await asyncio.to_thread(writer.open)
@@ -485,3 +502,23 @@ def verify_chain(folder: Path) -> int:
             report.problem or "the transfer log does not verify", seq=report.first_bad_seq
         )
     return report.last_seq
+
+
+def _check_sealing_key(folder: Path, key_id: str) -> None:
+    """Refuse to extend a log sealed with another key (e.g. after restoring the wrong keys).
+
+    Checkpoints under a different key would make the log fail `gateway audit verify` for good;
+    better not to write than to damage the record.
+    """
+    try:
+        line = (folder / HEAD_NAME).read_bytes().strip()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise AuditError(f"{folder / HEAD_NAME}: cannot read: {exc.strerror}") from exc
+    sealed_with = (parse_record(line) or {}).get("key_id")
+    if sealed_with is not None and sealed_with != key_id:
+        raise AuditError(
+            f"{folder}: the transfer log is sealed with key {sealed_with}, but the audit-signing "
+            f"key is {key_id}: restore the right key folder (see docs/operations.md)"
+        )

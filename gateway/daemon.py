@@ -23,12 +23,11 @@ from pathlib import Path
 from gateway import records, tls
 from gateway.admin import AdminService
 from gateway.audit import AuditLog
-from gateway.audit_files import HEAD_NAME, parse_record
 from gateway.config import Config, ListenAddress, parse_listen
 from gateway.config import load as load_config
 from gateway.control import ControlServer
 from gateway.delivery import Deliverer
-from gateway.errors import AuditError, ConfigError, GatewayError, SpoolError
+from gateway.errors import ConfigError, GatewayError, SpoolError
 from gateway.holdqueue import HoldQueue
 from gateway.inbound import Inbound
 from gateway.keys import SPOOL_KEY_FILE, load_keys
@@ -130,16 +129,7 @@ class Daemon:
             await self._lock_spool(held)
             for problem in await asyncio.to_thread(self.spool.prepare, process_start=process_start):
                 log.warning("spool_recovered", detail=problem)
-            await asyncio.to_thread(_check_signing_key, config.audit.path, keys.key_id)
-            self.audit = AuditLog(
-                config.audit.path,
-                signing_key=keys.signing_key,
-                checkpoint_every=config.audit.checkpoint_every,
-                checkpoint_interval=config.audit.checkpoint_interval,
-                rotate=config.audit.rotate,
-                rotate_size=config.audit.rotate_size,
-                retain_days=config.audit.retain_days,
-            )
+            self.audit = AuditLog.from_config(config.audit, keys.signing_key)
             await self.audit.start()
             if self.audit.repaired_seq is not None:
                 log.warning("audit_log_repaired", seq=self.audit.repaired_seq)
@@ -413,27 +403,6 @@ class Daemon:
     async def _reload_from_signal(self) -> None:
         with contextlib.suppress(GatewayError):  # recorded and logged by reload()
             await self.reload()
-
-
-def _check_signing_key(folder: Path, key_id: str) -> None:
-    """Refuse to extend a transfer log sealed with another key (e.g. a wrong key restore).
-
-    Checkpoints under a different key would make the log fail `gateway audit verify` for
-    good; better not to start than to damage the record.
-    """
-    try:
-        line = (folder / HEAD_NAME).read_bytes().strip()
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise AuditError(f"{folder / HEAD_NAME}: cannot read: {exc.strerror}") from exc
-    head = parse_record(line) or {}
-    sealed_with = head.get("key_id")
-    if sealed_with is not None and sealed_with != key_id:
-        raise AuditError(
-            f"{folder}: the transfer log is sealed with key {sealed_with}, but the audit-signing "
-            f"key is {key_id}: restore the right key folder (see docs/operations.md)"
-        )
 
 
 def serve(config: Config) -> None:

@@ -62,15 +62,7 @@ async def run(config: Config, command: str, request: dict[str, Any]) -> Any:
     with lock:
         index = QueueIndex(spool)
         await asyncio.to_thread(index.load)
-        audit = AuditLog(
-            config.audit.path,
-            signing_key=keys.signing_key,
-            checkpoint_every=config.audit.checkpoint_every,
-            checkpoint_interval=config.audit.checkpoint_interval,
-            rotate=config.audit.rotate,
-            rotate_size=config.audit.rotate_size,
-            retain_days=config.audit.retain_days,
-        )
+        audit = AuditLog.from_config(config.audit, keys.signing_key)
         mutating = command in ("queue.release", "queue.reject")
         if mutating:
             await audit.start()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import ipaddress
 import json
 import re
 from collections.abc import Sequence
@@ -40,7 +39,7 @@ import idna
 from publicsuffixlist import PublicSuffixList
 
 from gateway import tomlfile
-from gateway.addresses import parse_address
+from gateway.addresses import is_ipv4, parse_address
 from gateway.errors import AddressError, ConfigError, PolicyError
 
 INSECURE_DOMAIN = "insecure_domain"
@@ -129,7 +128,7 @@ class Policy:
         if not domain.isascii():
             return DomainVerdict(domain, secure=False, rule=None, reason=NOT_A_DOMAIN)
         name = domain.lower()
-        if name.startswith("[") or ":" in name or _is_ipv4(name):
+        if name.startswith("[") or ":" in name or is_ipv4(name):
             return DomainVerdict(domain, secure=False, rule=None, reason=IP_LITERAL)
         labels = name.split(".")
         if not all(_LABEL.fullmatch(label) for label in labels):
@@ -321,7 +320,7 @@ def _domain_problem(domain: str) -> str | None:
     labels = domain.split(".")
     if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
         return f'"{domain}" must be a domain of at least two labels, with no trailing dot'
-    if _is_ipv4(domain):
+    if is_ipv4(domain):
         return f'"{domain}" is an IP address, not a domain'
     for label in labels:
         if label.startswith("xn--"):
@@ -330,14 +329,6 @@ def _domain_problem(domain: str) -> str | None:
             except idna.IDNAError:
                 return f'"{domain}": {label} is not a valid A-label'
     return None
-
-
-def _is_ipv4(domain: str) -> bool:
-    try:
-        ipaddress.IPv4Address(domain)
-    except ValueError:
-        return False
-    return True
 
 
 @cache

@@ -338,3 +338,16 @@ async def test_repair_cut_before_its_checkpoint_is_continued(tmp_path):
     report = verify(tmp_path, PUBLIC)
     assert report.ok, report.problem
     assert report.repaired == (4, 5)
+
+
+async def test_a_log_sealed_with_another_key_is_not_extended(tmp_path):
+    """Starting with a different signing key fails before writing anything (wrong key restore)."""
+    first = AuditLog(tmp_path, signing_key=Ed25519PrivateKey.generate())
+    await first.start()
+    await first.append(records.policy_loaded(policy="a" * 64, source="p"))
+    await first.close()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    other = AuditLog(tmp_path, signing_key=Ed25519PrivateKey.generate())
+    with pytest.raises(AuditError, match="sealed with key"):
+        await other.start()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
