@@ -36,6 +36,7 @@ stop the log: `retention_error` says why, and it is tried again after the next r
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import itertools
 import os
@@ -378,6 +379,8 @@ class AuditLog:
         self._clock = clock
         self._inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        # Callers in worker threads (append_blocking), settled by the writer thread itself.
+        self._waiting: dict[int, concurrent.futures.Future[dict[str, Any]]] = {}
         self._tickets = itertools.count(1)
         self._writer: _ChainWriter | None = None
         self._thread: threading.Thread | None = None
@@ -460,6 +463,23 @@ class AuditLog:
         self._inbox.put((ticket, event.body()))
         return await future
 
+    def append_blocking(self, event: AuditEvent) -> dict[str, Any]:
+        """`append` for a worker thread: block it, not the event loop, until the batch is durable.
+
+        The writer settles the caller's future itself, so the record costs no trip through the
+        event loop (the accept path stages, records and publishes in one thread call).
+        """
+        writer = self._writer
+        if writer is None or self._loop is None or self._closed:
+            raise AuditError("the transfer log is not open")
+        if writer.broken is not None:
+            raise AuditError(writer.broken)
+        ticket = next(self._tickets)
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+        self._waiting[ticket] = future
+        self._inbox.put((ticket, event.body()))
+        return future.result()
+
     async def close(self) -> None:
         """Write what is queued, seal it with a checkpoint, stop the thread, close the files."""
         if self._closed:
@@ -470,13 +490,26 @@ class AuditLog:
         self._inbox.put(None)
         await asyncio.to_thread(self._thread.join)
         self._writer.close()
+        for ticket in list(self._waiting):  # put after the stop sign: never written
+            if (waiter := self._waiting.pop(ticket, None)) is not None:
+                waiter.set_exception(AuditError("the transfer log is closed"))
 
     def _acknowledge(self, outcomes: list[Outcome]) -> None:
-        """Hand a batch's outcomes to the event loop (runs in the writer thread)."""
-        if self._loop is None:
+        """Settle waiting threads at once; hand the rest to the event loop (writer thread)."""
+        for_loop: list[Outcome] = []
+        for outcome in outcomes:
+            ticket, record, error = outcome
+            waiter = self._waiting.pop(ticket, None)
+            if waiter is None:
+                for_loop.append(outcome)
+            elif record is not None:
+                waiter.set_result(record)
+            else:
+                waiter.set_exception(AuditError(error or "transfer log write failed"))
+        if self._loop is None or not for_loop:
             return
         try:
-            self._loop.call_soon_threadsafe(self._settle, outcomes)
+            self._loop.call_soon_threadsafe(self._settle, for_loop)
         except RuntimeError:
             return  # the loop is closed: nobody is waiting any more
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,6 +37,8 @@ from gateway.smtp_auth import Authenticator
 from gateway.spool import MessageWriter, Spool
 
 log = get_logger("inbound")
+
+SPACE_CHECK_EVERY = 0.5  # seconds between two looks at the spool's free space
 
 
 def utc_now() -> datetime:
@@ -83,6 +87,8 @@ class Inbound:
         self.sessions: set[Any] = set()  # the GatewaySMTP sessions in flight
         self._idle = asyncio.Event()  # set whenever no session is open
         self._background: set[asyncio.Task[str | None]] = set()
+        self._space_ok = False
+        self._space_checked_at = -math.inf
 
     async def drain(self, grace: float) -> int:
         """Stop accepting; tell idle sessions 421; wait up to `grace` for busy ones to finish.
@@ -137,13 +143,28 @@ class Inbound:
         return policy, policy.classify(domain, self.clock().date())
 
     def has_space(self) -> bool:
-        """False when the spool's file system has less than 1.5 x the largest message free."""
-        try:
-            stats = os.statvfs(self.spool.root)
-        except OSError:
-            return False
-        free = stats.f_bavail * stats.f_frsize
-        return free >= self.config.server.max_message_size * 3 // 2
+        """False when the spool's file system has less than 1.5 x the largest message free.
+
+        Asked at every MAIL. While there is room, the file system is asked at most every
+        SPACE_CHECK_EVERY seconds, and again after any spool write failed; while there is
+        not, at every MAIL, so mail flows again as soon as space is freed (statvfs of a local
+        folder does not block).
+        """
+        now = time.monotonic()
+        if not self._space_ok or now - self._space_checked_at >= SPACE_CHECK_EVERY:
+            try:
+                stats = os.statvfs(self.spool.root)
+            except OSError:
+                self._space_ok = False
+            else:
+                free = stats.f_bavail * stats.f_frsize
+                self._space_ok = free >= self.config.server.max_message_size * 3 // 2
+            self._space_checked_at = now
+        return self._space_ok
+
+    def recheck_space(self) -> None:
+        """A spool write failed (perhaps for want of space): look again at the next MAIL."""
+        self._space_checked_at = -math.inf
 
     async def refuse_recipient(
         self,
@@ -217,21 +238,16 @@ class Inbound:
         digest: str,
         marking: str | None,
         purpose_header: bytes | None = None,
+        tail: bytes = b"",
     ) -> str:
-        """Decide, make the message and its record durable, and return the SMTP reply."""
+        """Decide, make the message and its record durable, and return the SMTP reply.
+
+        `tail` is the content not yet handed to `writer`: written in the same thread call
+        that commits, so a small message costs a session one trip to a thread.
+        """
         policy = self.policy()
         decision = decide([r.domain for r in txn.recipients], policy, self.clock(), ref)
         entry = self.new_entry(ref, txn, decision, size, digest)
-        # Order matters (invariant 2 and Golden Rule 7): content and envelope durable under
-        # tmp/, then the decision durable in the transfer log, then published into the queue,
-        # then 250. A crash before the record leaves only temporary files; a crash after it
-        # leaves a recorded message that the client never saw accepted, and retries.
-        try:
-            staged = await asyncio.to_thread(self.spool.stage, writer, entry)
-        except SpoolError:
-            log.exception("spool_write_failed", ref=ref)
-            self.metrics.message_refused("spool_failed")
-            return replies.SPOOL_FAILED
         event = records.accepted(
             ref=ref,
             client=txn.client.name,
@@ -249,18 +265,14 @@ class Inbound:
             marking=marking,
             purpose=policy.purpose(purpose_header),
         )
-        try:
-            await self.audit.append(event)
-        except AuditError:
-            # No record, no acceptance: drop the staged files and let the client retry.
-            log.exception("audit_write_failed", ref=ref, step="accepted")
-            await asyncio.to_thread(self.spool.discard, staged)
-            self.metrics.message_refused("spool_failed")
-            return replies.SPOOL_FAILED
-        try:
-            await asyncio.to_thread(self.spool.publish, staged)
-        except SpoolError:
-            log.exception("spool_write_failed", ref=ref, step="publish")
+        failure = await asyncio.to_thread(self._commit, writer, entry, event, tail)
+        if failure is not None:
+            step, exc = failure
+            self.recheck_space()
+            if step == "accepted":
+                log.error("audit_write_failed", ref=ref, step=step, exc_info=exc)
+            else:
+                log.error("spool_write_failed", ref=ref, step=step, exc_info=exc)
             self.metrics.message_refused("spool_failed")
             return replies.SPOOL_FAILED
         self.metrics.message_accepted(str(decision.verdict))
@@ -280,6 +292,35 @@ class Inbound:
             return replies.queued(ref)
         self._notify_held(entry, decision)
         return replies.held(ref, decision.reply_detail())
+
+    def _commit(
+        self, writer: MessageWriter, entry: QueueEntry, event: records.AuditEvent, tail: bytes
+    ) -> tuple[str, Exception] | None:
+        """Stage, record, publish (in a worker thread); the failed step and its error, if any.
+
+        Order matters (invariant 2 and Golden Rule 7): content and envelope durable under
+        tmp/, then the decision durable in the transfer log, then published into the queue,
+        then (the caller's) 250. A crash before the record leaves only temporary files; a crash
+        after it leaves a recorded message that the client never saw accepted, and retries.
+        """
+        try:
+            if tail:
+                writer.write(tail)
+            staged = self.spool.stage(writer, entry)
+        except SpoolError as exc:
+            writer.abort()
+            return ("stage", exc)
+        try:
+            self.audit.append_blocking(event)
+        except AuditError as exc:
+            # No record, no acceptance: drop the staged files and let the client retry.
+            self.spool.discard(staged)
+            return ("accepted", exc)
+        try:
+            self.spool.publish(staged)
+        except SpoolError as exc:
+            return ("publish", exc)
+        return None
 
     def _notify_held(self, entry: QueueEntry, decision: Decision) -> None:
         """Queue the held notice in the background: the 250 does not wait for it."""

@@ -80,6 +80,7 @@ class GatewaySMTP(AuthMechanisms, SMTP):
         self.inbound = inbound
         self.implicit_tls = implicit_tls
         self.errors = 0
+        self._gathered: list[str] | None = None  # reply lines held back during EHLO
         self.client: Client | None = None
         self.peer_ip = ""
         self._reset_transaction()
@@ -163,6 +164,9 @@ class GatewaySMTP(AuthMechanisms, SMTP):
     async def push(self, status: AnyStr) -> None:
         """Send a reply; after `hard_error_limit` error replies, say goodbye and close."""
         text = status if isinstance(status, str) else status.decode("ascii", "replace")
+        if self._gathered is not None:
+            self._gathered.append(text)
+            return
         if text.startswith('500 Error: command "'):
             # aiosmtpd echoes the unknown command back; replies never echo client input.
             text = replies.UNKNOWN_COMMAND
@@ -206,9 +210,21 @@ class GatewaySMTP(AuthMechanisms, SMTP):
     # -- commands ----------------------------------------------------------------------------
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        """EHLO, with this session's command length limits reset first."""
+        """EHLO, with this session's command length limits reset first.
+
+        aiosmtpd writes each line of the reply on its own (a TLS record and a send each);
+        the lines are gathered and sent in one write.
+        """
         self.command_size_limits.clear()
-        await super().smtp_EHLO(hostname)
+        self._gathered = []
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            lines, self._gathered = self._gathered, None
+        if len(lines) == 1:
+            await self.push(lines[0])  # a refusal: counted as one
+        elif lines:
+            await super().push("\r\n".join(lines))
 
     async def smtp_STARTTLS(self, arg: str) -> None:
         """Refuse a second STARTTLS inside TLS; otherwise aiosmtpd's handshake."""
@@ -290,7 +306,7 @@ class GatewaySMTP(AuthMechanisms, SMTP):
             self.inbound.metrics.message_refused("sender_not_allowed")
             await self.push(replies.sender_not_allowed())
             return
-        if not await asyncio.to_thread(self.inbound.has_space):
+        if not self.inbound.has_space():
             log.warning("spool_low_on_space", client=client.name)
             await self.push(replies.LOW_ON_SPACE)
             return
@@ -372,7 +388,7 @@ class GatewaySMTP(AuthMechanisms, SMTP):
         now = inbound.clock()
         ref = new_reference(now)
         try:
-            writer = await asyncio.to_thread(inbound.spool.new_message, ref)
+            writer = inbound.spool.new_message(ref)  # no I/O: the file comes with the data
         except SpoolError:
             log.exception("spool_write_failed", ref=ref)
             self.inbound.metrics.message_refused("spool_failed")
@@ -457,13 +473,8 @@ class GatewaySMTP(AuthMechanisms, SMTP):
             )
             self.inbound.metrics.message_refused(str(reader.error))
             return _DATA_ERROR_REPLIES[reader.error]
-        if not failed:
-            try:
-                await asyncio.to_thread(writer.write, bytes(pending))
-            except SpoolError:
-                log.exception("spool_write_failed", ref=ref)
-                failed = True
         if failed:
+            self.inbound.recheck_space()
             await asyncio.to_thread(writer.abort)
             self.inbound.metrics.message_refused("spool_failed")
             return replies.SPOOL_FAILED
@@ -475,6 +486,7 @@ class GatewaySMTP(AuthMechanisms, SMTP):
             digest=reader.digest,
             marking=reader.marking,
             purpose_header=reader.purpose_header,
+            tail=bytes(pending),
         )
 
     async def _skip_rest_of_line(self) -> None:

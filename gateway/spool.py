@@ -142,13 +142,21 @@ class MessageWriter:
         self._counter = 0
         salt = secrets.token_bytes(SALT_LENGTH)
         self._aead = _file_key(spool_key, salt, _MSG_INFO + ref.encode())
+        self._salt = salt
+        # The file is created by the first write (or the finish of an empty message): a
+        # session can start a message without a trip to a thread.
         self._fd: int | None = None
-        try:
-            self._fd = _create(path)
-            _write_all(self._fd, MAGIC + salt)
-        except OSError as exc:
-            self.abort()
-            raise SpoolError(f"cannot write spool file {path.name}: {exc.strerror}") from exc
+        self._closed = False
+
+    def _open(self) -> int:
+        """The temporary file's descriptor, creating the file on first use (raises OSError)."""
+        if self._closed:
+            raise SpoolError(f"spool file {self.path.name} is closed")
+        if self._fd is None:
+            fd = _create(self.path)
+            self._fd = fd
+            _write_all(fd, MAGIC + self._salt)
+        return self._fd
 
     @property
     def digest(self) -> str:
@@ -157,12 +165,13 @@ class MessageWriter:
 
     def write(self, data: bytes) -> None:
         """Add content; each full 64 KiB chunk is encrypted and written at once."""
-        if self._fd is None:
+        if self._closed:
             raise SpoolError(f"spool file {self.path.name} is closed")
         self._buffer += data
         self.size += len(data)
         self._hash.update(data)
         try:
+            self._open()
             while len(self._buffer) > CHUNK_SIZE:  # keep a remainder for the final chunk
                 self._emit(bytes(self._buffer[:CHUNK_SIZE]), final=False)
                 del self._buffer[:CHUNK_SIZE]
@@ -171,27 +180,25 @@ class MessageWriter:
             raise SpoolError(f"cannot write spool file {self.path.name}: {exc.strerror}") from exc
 
     def _emit(self, plaintext: bytes, *, final: bool) -> None:
-        if self._fd is None:
-            raise SpoolError(f"spool file {self.path.name} is closed")
+        fd = self._open()
         nonce = _nonce(self._counter, final=final)
         ciphertext = self._aead.encrypt(nonce, plaintext, self.ref.encode())
-        _write_all(self._fd, len(ciphertext).to_bytes(4, "big") + ciphertext)
+        _write_all(fd, len(ciphertext).to_bytes(4, "big") + ciphertext)
         self._counter += 1
 
     def _finish(self) -> None:
         """Write the final chunk, fsync and close; raises OSError (for `Spool.commit`)."""
         self._emit(bytes(self._buffer), final=True)
         self._buffer.clear()
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            try:
-                _fsync_file(fd)
-            finally:
-                os.close(fd)
+        fd, self._fd, self._closed = self._open(), None, True
+        try:
+            _fsync_file(fd)
+        finally:
+            os.close(fd)
 
     def abort(self) -> None:
         """Close and remove the temporary file; never raises for a missing file."""
-        fd, self._fd = self._fd, None
+        fd, self._fd, self._closed = self._fd, None, True
         self._buffer.clear()
         if fd is not None:
             with contextlib.suppress(OSError):
@@ -339,7 +346,9 @@ class Spool:
             created.append(msg)
             staged.meta_tmp.rename(staged.meta)
             created.append(staged.meta)
-            for folder in (self.tmp, self.data, staged.meta.parent):
+            # The new names must survive a power cut; the old ones in tmp/ need not be seen
+            # to go (a rename moves one inode, and `prepare` clears tmp/ at start anyway).
+            for folder in (self.data, staged.meta.parent):
                 _fsync_dir(folder)
         except OSError as exc:
             _unlink_quietly(staged.msg_tmp, staged.meta_tmp, *reversed(created))

@@ -377,3 +377,30 @@ def test_any_texts_round_trip_through_a_verified_chain(texts):
         assert list(read_records(folder)) == written
         assert verify_chain(folder) == len(texts)
         assert sorted(record["error"] for record in written) == sorted(texts)
+
+
+async def test_append_blocking_from_threads_joins_the_chain(tmp_path):
+    """Worker threads append without the event loop; the records share one contiguous chain."""
+    log = AuditLog(tmp_path)
+    await log.start()
+    from_threads = asyncio.gather(
+        *(asyncio.to_thread(log.append_blocking, _event(n)) for n in range(50))
+    )
+    from_loop = asyncio.gather(*(log.append(_event(n)) for n in range(50, 100)))
+    written = [*await from_threads, *await from_loop]
+    await log.close()
+    assert sorted(record["seq"] for record in written) == list(range(1, 101))
+    assert verify_chain(tmp_path) == 100
+    with pytest.raises(AuditError, match="not open"):
+        log.append_blocking(_event(1))
+
+
+async def test_append_blocking_reports_a_refused_record(tmp_path):
+    """A record that cannot be encoded fails in the calling thread, and the log goes on."""
+    log = AuditLog(tmp_path)
+    await log.start()
+    with pytest.raises(AuditError, match="refused"):
+        await asyncio.to_thread(log.append_blocking, AuditEvent("odd", None, {"value": {1, 2}}))
+    record = await asyncio.to_thread(log.append_blocking, _event(1))
+    await log.close()
+    assert record["seq"] == 1

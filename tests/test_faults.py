@@ -210,7 +210,7 @@ async def test_audit_write_efbig_answers_452_delivers_nothing_and_restart_seals_
 async def test_spool_folder_fsync_eio_answers_452_then_refuses_until_restart(
     tmp_path, ca, receiver
 ):
-    """EIO from every fsync of spool/tmp: publish fails after the record is durable.
+    """EIO from every fsync of spool/data: publish fails after the record is durable.
 
     The message is answered 452 4.3.1 (never 250) and its published files are taken back; the
     error is sticky (fsyncgate: a later fsync may "succeed" without the data), so the daemon
@@ -218,9 +218,9 @@ async def test_spool_folder_fsync_eio_answers_452_then_refuses_until_restart(
     """
     port, handler = receiver
     setup = make_setup(tmp_path, ca, receiver_port=port)
-    spool_tmp = str(setup.root / "spool" / "tmp")
+    spool_data = str(setup.root / "spool" / "data")
     traced = TracedGateway(
-        setup, ["-P", spool_tmp, "-e", "trace=fsync", "-e", "inject=fsync:error=EIO"]
+        setup, ["-P", spool_data, "-e", "trace=fsync", "-e", "inject=fsync:error=EIO"]
     )
     smtp_port = await asyncio.to_thread(traced.start)
     try:

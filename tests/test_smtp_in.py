@@ -248,3 +248,35 @@ async def test_overlong_command_line_is_refused(client):
 async def test_unknown_command_reply_does_not_echo_it(client):
     """An unknown command gets a fixed 500 that does not repeat what the client sent."""
     assert await client.command("XCANARY secret") == replies.UNKNOWN_COMMAND
+
+
+async def test_ehlo_reply_comes_whole_in_one_segment(gateway):
+    """The multi-line EHLO reply is written at once: one read holds every line, in order."""
+    _setup, _daemon, port = gateway
+    raw = await RawClient.connect(port)
+    await raw.reply()
+    await raw.send_raw(b"EHLO agency.test\r\n")
+    async with asyncio.timeout(10):
+        data = await raw.reader.read(65536)
+    lines = data.decode().split("\r\n")
+    assert lines[-1] == ""  # nothing cut off
+    lines = lines[:-1]
+    assert lines[0] == "250-gateway.test"
+    assert all(line.startswith("250-") for line in lines[:-1])
+    assert lines[-1].startswith("250 ")
+    assert "250-STARTTLS" in lines
+    assert "250-SIZE 65536" in lines
+    await raw.close()
+
+
+async def test_ehlo_refusals_still_count_towards_the_error_limit(gateway):
+    """EHLO without a name is answered 501 alone, and counts as an error."""
+    _setup, _daemon, port = gateway
+    raw = await RawClient.connect(port)
+    await raw.reply()
+    for _ in range(20):
+        reply = await raw.command("EHLO")
+        assert reply.startswith("501 ")
+    assert await raw.reply() == replies.TOO_MANY_ERRORS
+    assert await raw.reader.read() == b""
+    await raw.close()

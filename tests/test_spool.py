@@ -247,6 +247,19 @@ def test_commit_refuses_a_duplicate_ref(spool):
     assert files(spool) == [f"active/{make_ref(1)}.meta", f"data/{make_ref(1)}.msg"]
 
 
+def test_a_new_message_touches_the_disk_only_when_written(spool):
+    """Starting a message costs no I/O; the first write creates its file; abort removes it."""
+    writer = spool.new_message(make_ref(1))
+    assert files(spool) == []
+    writer.abort()  # nothing to remove
+    with pytest.raises(SpoolError, match="closed"):
+        writer.write(b"late")
+    assert files(spool) == []
+    empty = spool.new_message(make_ref(2))
+    spool.commit(empty, make_entry(make_ref(2)))
+    assert spool.read_content(make_ref(2)) == b""
+
+
 def test_abort_removes_the_temporary_file(spool):
     """Abort removes the partial file and can be called twice."""
     writer = spool.new_message(make_ref(1))
