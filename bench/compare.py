@@ -5,8 +5,8 @@
 Built from nothing in temporary folders (all on the same disk) and torn down afterwards:
 
 - a trustme CA; one certificate for "localhost"/127.0.0.1 per server;
-- a receiving sink (aiosmtpd with STARTTLS) in a process of its own, listening on two loopback
-  ports, one per server under test, so arrivals are counted per server;
+- a receiving sink (aiosmtpd with STARTTLS) in a process of its own, listening on one loopback
+  port per server under test, so arrivals are counted per server;
 - the gateway as a real subprocess with `tests.harness.make_setup`: TLS in, verified TLS out,
   secure-domain policy, encrypted durable spool, audit log with signed checkpoints, DKIM
   (`max_connections_per_address` raised from 50 to 200: every client comes from 127.0.0.1);
@@ -15,13 +15,16 @@ Built from nothing in temporary folders (all on the same disk) and torn down aft
   `nhs.net` (`relay_domains`, `reject_unauth_destination`) through `transport_maps` to the sink
   with `smtp_tls_security_level = secure` against the test CA, outbound connection reuse
   (`smtp_tls_connection_reuse = yes`, tlsproxy, scache), its queue on the same disk (Postfix
-  fsyncs each queue file before its 250). Installed with apt-get when missing (root only).
+  fsyncs each queue file before its 250). Installed with apt-get when missing (root only);
+- the floor (bench/floor.py): a bare aiosmtpd store-and-forward relay with the same TLS in
+  and out and the same fsyncs (file and folder) before its 250, and none of the gateway's work
+  (policy, encryption, transfer log, DKIM): what aiosmtpd, asyncio and TLS cost in CPython.
 
 Each (server, concurrency) run starts the server afresh, sends a warm-up (as many messages as
 clients, not measured, delivered before measuring), then the measured messages, and stops the
-server by its own PID (the gateway's process; Postfix's master by its pid file).
+server by its own PID (the gateway's and the floor's process; Postfix's master by its pid file).
 
-The load generator is one asyncio client for both: one connection per message (connect, EHLO,
+The load generator is one asyncio client for all: one connection per message (connect, EHLO,
 STARTTLS verified against the CA with the name "localhost", EHLO, MAIL, RCPT lead@nhs.net, DATA,
 a 4 KiB message, QUIT). It sets TCP_NODELAY and, after every write, TCP_QUICKACK: on loopback,
 after a TLS 1.3 handshake a server that leaves Nagle on (Postfix's smtpd does) otherwise waits
@@ -84,7 +87,7 @@ BENCH_HEADER = b"X-Bench-Id: "
 CLIENT_TIMEOUT = 30.0
 SAMPLE_EVERY = 0.2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SERVERS = ("gateway", "postfix")
+SERVERS = ("gateway", "postfix", "floor")
 
 
 # -- /proc: CPU and memory of a process tree ----------------------------------------------------
@@ -644,6 +647,51 @@ def start_gateway(root: Path, ca: trustme.CA, sink_port: int) -> Server:
     return Server("gateway", port, process.proc.pid, stop, problems)
 
 
+def start_floor(root: Path, tmp: Path, sink_port: int) -> Server:
+    """bench/floor.py: a bare aiosmtpd store-and-forward relay, the yardstick."""
+    spool = root / "floor-spool"
+    spool.mkdir(parents=True)
+    errors = (root / "floor-stderr.txt").open("w")
+    options = {
+        "--cert": tmp / "server" / "cert.pem",
+        "--key": tmp / "server" / "key.pem",
+        "--ca": tmp / "ca.pem",
+        "--spool": spool,
+        "--sink-port": sink_port,
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent / "floor.py"),
+            *(str(part) for pair in options.items() for part in pair),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=errors,
+        text=True,
+    )
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line:
+        proc.kill()
+        proc.wait(5)
+        errors.close()
+        raise RuntimeError("the floor relay did not start")
+
+    def stop() -> None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        errors.close()
+
+    def problems() -> tuple[dict[str, int], list[str]]:
+        lines = (root / "floor-stderr.txt").read_text().splitlines()
+        return ({"stderr": len(lines)} if lines else {}), lines[:5]
+
+    return Server("floor", json.loads(line)["port"], proc.pid, stop, problems)
+
+
 def start_postfix(tmp: Path, ca_pem: Path, sink_port: int, keep: Path) -> Server:
     relay = PostfixRelay(
         root=instance_root(),
@@ -727,6 +775,8 @@ async def run_one(
     sink_port = sink.ports[name]
     if name == "gateway":
         server = await asyncio.to_thread(start_gateway, run_root, ca, sink_port)
+    elif name == "floor":
+        server = await asyncio.to_thread(start_floor, run_root, tmp, sink_port)
     else:
         server = await asyncio.to_thread(
             start_postfix, tmp, tmp / "ca.pem", sink_port, run_root / "postfix-log"
@@ -956,20 +1006,24 @@ def render(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         by_c.setdefault(run["concurrency"], {})[run["server"]] = run
     for concurrency, runs in by_c.items():
-        gateway, postfix = runs.get("gateway"), runs.get("postfix")
-        messages = (gateway or postfix or {}).get("messages")
+        present = [runs[name] for name in SERVERS if name in runs]
+        messages = present[0]["messages"]
         lines += ["", f"C = {concurrency} ({messages} messages per server)"]
-        lines.append(f"  {'':26}{'gateway':>11}{'postfix':>11}{'gw/pf':>9}")
+        ratios = [("gw/pf", "postfix"), ("gw/floor", "floor")]
+        ratios = [(label, other) for label, other in ratios if other in runs and "gateway" in runs]
+        header = "".join(f"{run['server']:>11}" for run in present)
+        lines.append(f"  {'':26}{header}" + "".join(f"{label:>9}" for label, _ in ratios))
         for label, get in ROWS:
-            left = get(gateway) if gateway else None
-            right = get(postfix) if postfix else None
-            ratio = ""
-            if isinstance(left, (int, float)) and isinstance(right, (int, float)) and right:
-                ratio = f"{left / right:.2f}"
-            lines.append(f"  {label:26}{_cell(left):>11}{_cell(right):>11}{ratio:>9}")
-        for run in (gateway, postfix):
-            if run is None:
-                continue
+            cells = "".join(f"{_cell(get(run)):>11}" for run in present)
+            shown = ""
+            for _, other in ratios:
+                left, right = get(runs["gateway"]), get(runs[other])
+                ratio = ""
+                if isinstance(left, (int, float)) and isinstance(right, (int, float)) and right:
+                    ratio = f"{left / right:.2f}"
+                shown += f"{ratio:>9}"
+            lines.append(f"  {label:26}{cells}{shown}")
+        for run in present:
             notes = []
             if run["timed_out"]:
                 notes.append("TIMED OUT (partial)")
