@@ -32,7 +32,7 @@ from gateway.logconfig import get_logger
 from gateway.policy import OnInsecure
 from gateway.reference import new_reference
 from gateway.smtp_auth import AuthMechanisms, certificate_fingerprint, identity_missing
-from gateway.smtp_data import DataError, DataReader
+from gateway.smtp_data import END_AFTER_LINE, DataError, DataReader
 
 log = get_logger("smtp_in")
 
@@ -43,6 +43,22 @@ warnings.filterwarnings(
 )
 
 _WRITE_CHUNK = 256 * 1024
+_DATA_READ_LIMIT = 64 * 1024  # read-ahead while in DATA (commands keep aiosmtpd's 1001)
+_RATE_CHECK_EVERY = 1.0  # seconds between looks at a slow upload's rate
+
+
+def _set_read_limit(stream: asyncio.StreamReader, limit: int) -> int:
+    """Set the stream's limit and return the old one.
+
+    asyncio.StreamReader has no public setter: its `_limit` bounds both readuntil's search
+    and the read-ahead (the transport pauses at twice it). aiosmtpd sets it to its command
+    line limit, which would read DATA a kilobyte at a time.
+    """
+    old: int = getattr(stream, "_limit")  # noqa: B009 (private attribute, named as such)
+    setattr(stream, "_limit", limit)  # noqa: B010
+    return old
+
+
 _DATA_ERROR_REPLIES = {
     DataError.SMUGGLING: replies.SMUGGLING,
     DataError.LINE_TOO_LONG: replies.LINE_TOO_LONG,
@@ -81,6 +97,8 @@ class GatewaySMTP(AuthMechanisms, SMTP):
         self.implicit_tls = implicit_tls
         self.errors = 0
         self._gathered: list[str] | None = None  # reply lines held back during EHLO
+        self._in_data = False  # reading DATA: arrivals count towards the rate and idle time
+        self._arrived = 0
         self.client: Client | None = None
         self.peer_ip = ""
         self._reset_transaction()
@@ -424,48 +442,55 @@ class GatewaySMTP(AuthMechanisms, SMTP):
             self._close()
 
     async def _receive(self, ref: str, txn: Transaction, reader: DataReader, writer: Any) -> str:
+        """Read DATA in blocks through `reader` into `writer`; the reply, or the commit's."""
         pending = bytearray()
         failed = False
         loop = asyncio.get_running_loop()
-        started = last_reset = loop.time()
+        started = loop.time()
         server = self.inbound.config.server
-        rearm_every = min(1.0, server.idle_timeout / 4)
-        received = 0
-        while not reader.finished:
-            try:
-                line = await self._reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as exc:
-                await self._reader.readexactly(exc.consumed)
-                reader.feed(b"", overlong=True)
-                await self._skip_rest_of_line()
-                continue
-            pending += reader.feed(line)
-            received += len(line)
-            now = loop.time()
-            elapsed = now - started
-            if (
-                elapsed > server.idle_timeout + received / server.min_data_rate
-                or elapsed > server.max_data_time
-            ):
-                # A trickle (slower than min_data_rate after the idle_timeout's grace), or an
-                # upload past the overall DATA time limit.
-                await asyncio.to_thread(writer.abort)
-                self.inbound.metrics.message_refused("too_slow")
-                log.warning("message_refused", ref=ref, reason="too_slow", client=txn.client.name)
-                return replies.TOO_SLOW
-            if now - last_reset >= rearm_every:
-                # idle_timeout is per line of DATA too, not for the whole upload; re-armed
-                # now and then rather than on every line, to keep the per-line cost down.
-                self._reset_timeout()
-                last_reset = now
-            if len(pending) >= _WRITE_CHUNK:
-                if not failed:
-                    try:
-                        await asyncio.to_thread(writer.write, bytes(pending))
-                    except SpoolError:
-                        log.exception("spool_write_failed", ref=ref)
-                        failed = True
-                pending.clear()
+        stream = self._reader
+        self._arrived = 0
+        self._in_data = True
+        line_limit = _set_read_limit(stream, _DATA_READ_LIMIT)
+        try:
+            await self._read_start(reader, pending)
+            while not reader.finished:
+                # Up to the end of data, or a block of what has come so far. The stream stops
+                # at the first CRLF . CRLF and keeps what follows (a pipelined command) for
+                # the command loop; a partial block never ends inside a possible end of data.
+                try:
+                    async with asyncio.timeout(_RATE_CHECK_EVERY):
+                        block = await stream.readuntil(END_AFTER_LINE)
+                except asyncio.LimitOverrunError as exc:
+                    block = await stream.readexactly(exc.consumed)
+                except TimeoutError:
+                    block = b""  # nothing complete yet: look at the rate, then wait again
+                if block:
+                    pending += reader.feed_block(block)
+                elapsed = loop.time() - started
+                if (
+                    elapsed > server.idle_timeout + self._arrived / server.min_data_rate
+                    or elapsed > server.max_data_time
+                ):
+                    # A trickle (slower than min_data_rate after the idle_timeout's grace), or
+                    # an upload past the overall DATA time limit.
+                    await asyncio.to_thread(writer.abort)
+                    self.inbound.metrics.message_refused("too_slow")
+                    log.warning(
+                        "message_refused", ref=ref, reason="too_slow", client=txn.client.name
+                    )
+                    return replies.TOO_SLOW
+                if len(pending) >= _WRITE_CHUNK:
+                    if not failed:
+                        try:
+                            await asyncio.to_thread(writer.write, bytes(pending))
+                        except SpoolError:
+                            log.exception("spool_write_failed", ref=ref)
+                            failed = True
+                    pending.clear()
+        finally:
+            self._in_data = False
+            _set_read_limit(stream, line_limit)
         if reader.error is not None:
             await asyncio.to_thread(writer.abort)
             log.warning(
@@ -489,15 +514,31 @@ class GatewaySMTP(AuthMechanisms, SMTP):
             tail=bytes(pending),
         )
 
-    async def _skip_rest_of_line(self) -> None:
-        """After an over-long line, discard up to and including its LF."""
-        while True:
-            try:
-                await self._reader.readuntil(b"\n")
-            except asyncio.LimitOverrunError as exc:
-                await self._reader.readexactly(exc.consumed)
-            else:
+    async def _read_start(self, reader: DataReader, pending: bytearray) -> None:
+        """Read up to the first octet of DATA that is not at the start of a line.
+
+        The block loop waits for CRLF . CRLF, so it must start where a CRLF still to come
+        would precede any end of data. Lines that begin with a dot (the end of data itself,
+        or a stuffed line) are read here whole; the first other octet ends this.
+        """
+        stream = self._reader
+        while not reader.finished:
+            first = await stream.readexactly(1)
+            if first != b".":
+                pending += reader.feed_block(first)
                 return
+            try:
+                pending += reader.feed_block(first + await stream.readuntil(b"\n"))
+            except asyncio.LimitOverrunError as exc:
+                pending += reader.feed_block(first + await stream.readexactly(exc.consumed))
+                return  # inside a long line now
+
+    def data_received(self, data: bytes) -> None:
+        """Count what arrives during DATA, and count it as activity for idle_timeout."""
+        if self._in_data:
+            self._arrived += len(data)
+            self._reset_timeout()
+        super().data_received(data)
 
 
 class _NoHooks:

@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 
 import pytest
 from hypothesis import given
@@ -344,3 +345,103 @@ def test_dot_line_after_a_bare_lf_does_not_end_the_data():
     assert (reader.finished, reader.error) == (False, DataError.SMUGGLING)
     reader.feed(b".\r\n")
     assert reader.finished
+
+
+# --- blocks: feed_block against feed, line by line ---------------------------------------------
+
+
+def _by_lines(stream: bytes, **kwargs) -> tuple:
+    """The oracle: split the stream at line feeds and feed each line until the end of data."""
+    reader = _reader(**kwargs)
+    output = []
+    position = 0
+    while position < len(stream) and not reader.finished:
+        end = stream.find(b"\n", position) + 1 or len(stream)
+        output.append(reader.feed(stream[position:end]))
+        position = end
+    return _outcome(reader, b"".join(output))
+
+
+def _by_blocks(stream: bytes, cuts: list[int], **kwargs) -> tuple:
+    reader = _reader(**kwargs)
+    edges = [0, *sorted({cut % (len(stream) + 1) for cut in cuts}), len(stream)]
+    output = b"".join(reader.feed_block(stream[a:b]) for a, b in itertools.pairwise(edges))
+    return _outcome(reader, output)
+
+
+def _outcome(reader: DataReader, output: bytes) -> tuple:
+    """What a session acts on: the end, the error, and (when accepted) what it spools."""
+    if reader.error is not None:
+        return (reader.finished, reader.error)
+    return (reader.finished, None, reader.size, reader.digest, reader.marking, output)
+
+
+_clean_line = st.binary(max_size=80).map(lambda b: b.translate(None, b"\r\n\0") + b"\r\n")
+_dotted = [b".\r\n", b"..\r\n", b".x\r\n", b"..y\r\n"]
+wire_lines = st.lists(
+    st.one_of(
+        st.sampled_from([b"\r\n", b"Subject: OFFICIAL\r\n", *_dotted]),
+        _clean_line,
+        _clean_line,
+        st.sampled_from([b"\n", b"\r", b"\0", b"a\rb\r\n", b"a\n.\r\n", b"\r\r\n"]),
+        st.builds(lambda n: b"y" * n + b"\r\n", st.integers(996, 1000)),
+        st.builds(lambda n: b"." + b"z" * n + b"\r\n", st.integers(996, 1000)),
+    ),
+    max_size=30,
+)
+body_lines = st.lists(
+    st.one_of(st.sampled_from(_dotted), _clean_line, _clean_line),
+    max_size=40,
+)
+
+
+@given(wire_lines, st.lists(st.integers(min_value=0, max_value=50_000), max_size=12))
+def test_blocks_split_anywhere_read_as_lines_do(lines, cuts):
+    """Any stream, cut into blocks anywhere, ends, fails and spools exactly as line by line."""
+    stream = b"".join(lines) + b"\r\n.\r\nQUIT\r\n"
+    assert _by_blocks(stream, cuts, max_size=20_000) == _by_lines(stream, max_size=20_000)
+
+
+@given(
+    st.lists(_clean_line, max_size=5),
+    body_lines,
+    st.lists(st.integers(min_value=0, max_value=50_000), max_size=12),
+    st.integers(min_value=0, max_value=3000),
+)
+def test_bodies_in_blocks_read_as_lines_do(header, body, cuts, max_size):
+    """Header, blank line, a body rich in dots, under any size limit, in any blocks."""
+    stream = b"".join(header) + b"\r\n" + b"".join(body) + b"\r\n.\r\n"
+    by_blocks = _by_blocks(stream, cuts, max_size=max_size)
+    assert by_blocks == _by_lines(stream, max_size=max_size)
+    assert by_blocks[0]
+
+
+@given(clean_lines, st.lists(st.integers(min_value=0, max_value=50_000), max_size=12))
+def test_clean_message_in_blocks_round_trips(lines, cuts):
+    """A clean message sent in arbitrary blocks gives what line-by-line reading gives."""
+    stream = b"".join(_stuff(line) + b"\r\n" for line in lines) + END
+    by_blocks = _by_blocks(stream, cuts)
+    assert by_blocks == _by_lines(stream)
+    assert by_blocks[:2] == (True, None)
+
+
+def test_a_long_line_split_across_blocks_is_refused_and_its_end_still_counts():
+    """A line over the limit that arrives in pieces is refused; the CRLF . CRLF after it ends."""
+    reader = _reader()
+    reader.feed_block(b"Subject: a\r\n\r\n" + b"x" * (MAX_LINE + 1))
+    assert reader.error is None  # with its CRLF it may still fit, as a dot-stuffed line
+    reader.feed_block(b"x")
+    assert reader.error is DataError.LINE_TOO_LONG  # refused before its end: never held
+    reader.feed_block(b"x" * 100_000)
+    assert not reader.finished
+    reader.feed_block(b"x" * 10 + b"\r")
+    reader.feed_block(b"\n.\r\n")
+    assert reader.finished
+
+
+def test_a_block_ends_at_the_end_of_data():
+    """Whatever follows CRLF . CRLF in a block is not message content."""
+    reader = _reader()
+    output = reader.feed_block(b"A: 1\r\n\r\nbody\r\n.\r\nMAIL FROM:<x@y.z>\r\n")
+    assert reader.finished
+    assert output.endswith(b"\r\nbody\r\n")

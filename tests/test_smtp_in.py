@@ -280,3 +280,103 @@ async def test_ehlo_refusals_still_count_towards_the_error_limit(gateway):
     assert await raw.reply() == replies.TOO_MANY_ERRORS
     assert await raw.reader.read() == b""
     await raw.close()
+
+
+# -- DATA read in blocks ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def delivering(tmp_path, ca, receiver):
+    """A running gateway with a 1-second idle timeout, its set-up, and the receiver."""
+    port, handler = receiver
+    setup = make_setup(
+        tmp_path, ca, receiver_port=port, server_extra="idle_timeout = 1\nmin_data_rate = 20"
+    )
+    async with running_gateway(setup) as (daemon, smtp_port):
+        yield setup, daemon, smtp_port, handler
+
+
+async def _open_data(setup, port: int) -> RawClient:
+    raw = await RawClient.connect(port)
+    await raw.reply()
+    await raw.starttls(setup.client_context)
+    assert await raw.command(f"MAIL FROM:<{SENDER}>") == replies.SENDER_OK
+    assert (await raw.command("RCPT TO:<lead@nhs.net>")).startswith("250")
+    assert (await raw.command("DATA")).startswith("354")
+    return raw
+
+
+async def _arrived(handler, marker: bytes) -> bytes:
+    async with asyncio.timeout(15):
+        while True:
+            for message in handler.messages:
+                if marker in message.content:
+                    return message.content
+            await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        [b"Subject: a\r\n\r\nsplit-end-1\r\n", b".\r\n"],  # the end alone, after a whole line
+        [b"Subject: a\r\n\r\nsplit-end-2\r", b"\n", b".", b"\r", b"\n"],  # octet by octet
+        [b".", b"\r\n"],  # an empty message
+        [b".Subject: a\r\n\r\n..split-end-3\r\n.\r\n"],  # dot-stuffed lines, start and body
+        [b"Subject: a\r\n\r\nsplit-end-4\r\n.\r\nQUIT\r\n"],  # a command after the end
+    ],
+)
+async def test_the_end_of_data_is_found_however_it_arrives(delivering, pieces):
+    """CRLF . CRLF ends DATA whatever the packets; what follows it is the next command."""
+    setup, _daemon, port, _handler = delivering
+    raw = await _open_data(setup, port)
+    for piece in pieces:
+        await raw.send_raw(piece)
+        await asyncio.sleep(0.05)
+    assert (await raw.reply()).startswith("250 2.0.0")
+    if pieces[-1].endswith(b"QUIT\r\n"):
+        assert (await raw.reply()).startswith("221")
+    else:
+        assert (await raw.command("NOOP")).startswith("250")
+    await raw.close()
+
+
+async def test_a_large_message_arrives_byte_identical(delivering):
+    """A 3 MB body with dot-stuffed lines is spooled and delivered exactly."""
+    setup, _daemon, port, handler = delivering
+    body = b"".join(
+        (b"." if n % 7 == 0 else b"") + b"line %07d of the large-body test\r\n" % n
+        for n in range(90_000)
+    )
+    stuffed = (b"Subject: large-body-test\r\n\r\n" + body).replace(b"\r\n.", b"\r\n..")
+    raw = await _open_data(setup, port)
+    await raw.send_raw(stuffed + b".\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    await raw.close()
+    content = await _arrived(handler, b"large-body-test")
+    received = content[content.index(b"\r\n\r\n") + 4 :]
+    assert len(received) == len(body)
+    assert received == body
+
+
+async def test_a_slow_steady_upload_is_not_idle(delivering):
+    """Data that keeps coming (above min_data_rate) outlasts idle_timeout within one block."""
+    setup, _daemon, port, handler = delivering
+    raw = await _open_data(setup, port)
+    await raw.send_raw(b"Subject: steady-upload\r\n\r\n")
+    for _ in range(12):  # 3 s of partial lines, far beyond the 1 s idle_timeout
+        await raw.send_raw(b"x" * 20)
+        await asyncio.sleep(0.25)
+    await raw.send_raw(b"\r\n.\r\n")
+    assert (await raw.reply()).startswith("250 2.0.0")
+    await raw.close()
+    await _arrived(handler, b"steady-upload")
+
+
+async def test_silence_inside_data_gets_421(delivering):
+    """A client that stops in the middle of DATA is told 421 4.4.2 after idle_timeout."""
+    setup, daemon, port, _handler = delivering
+    raw = await _open_data(setup, port)
+    await raw.send_raw(b"Subject: silent\r\n\r\nhalf a li")
+    assert await raw.reply() == replies.TIMEOUT
+    await raw.close()
+    assert list((daemon.config.spool_path / "tmp").iterdir()) == []
