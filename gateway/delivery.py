@@ -9,6 +9,14 @@ message raise `TemporaryDeliveryError` (defer) or `PermanentDeliveryError` (boun
 
 One idle verified connection per route is kept for reuse; a delivery takes it out of the pool
 while it runs, so concurrent deliveries never share one.
+
+A message is an `OutgoingMessage`: the fields the gateway puts on top, the header section (it
+alone decides SMTPUTF8), the size, and a way to open a fresh stream of the content. After the
+354 the content is written block by block, dot-stuffed as it passes (`DotStuffer`), waiting for
+the socket to drain between blocks, so a delivery holds one block, never the whole message. A
+connection lost while the content is being written is a deferral (`disconnected`): the end of
+data was never sent, so the server cannot have taken the message. Only a loss once the end of
+data may have been sent is `ambiguous`.
 """
 
 from __future__ import annotations
@@ -17,8 +25,9 @@ import asyncio
 import contextlib
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import aiosmtplib
 
@@ -28,6 +37,7 @@ from gateway.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliv
 QUIT_TIMEOUT = 5.0  # seconds to wait for a polite QUIT before just closing
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the socket to be gone after closing
 _LINE_START_DOT = re.compile(rb"(?m)^\.")
+MEMORY_BLOCK = 256 * 1024  # piece size when a message held in memory is streamed
 
 RouteKey = tuple[str, int, str]
 
@@ -97,16 +107,98 @@ class _StaleConnectionError(Exception):
     """A reused connection was found dead before anything was sent."""
 
 
-def _needs_smtputf8(sender: str, recipients: Sequence[str], message: bytes) -> bool:
+class ContentStream(Protocol):
+    """A message's content as blocks of bytes, read once; `aclose` releases what it holds."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None:
+        """Stop reading: close files, release buffers (also after the last block)."""
+
+
+@dataclass(frozen=True)
+class OutgoingMessage:
+    """A message to deliver, without its content in memory: the content is opened as a stream.
+
+    `top` is what the gateway puts above the content (its DKIM-Signature and decision fields),
+    `header` the header section of the whole message (enough of it to decide SMTPUTF8), `size`
+    the length of `top` and content together (SIZE=), `open_content` opens a fresh stream of
+    the content each time it is called (each route's delivery reads its own).
+    """
+
+    top: bytes
+    header: bytes
+    size: int
+    open_content: Callable[[], ContentStream]
+
+    @classmethod
+    def in_memory(cls, message: bytes) -> OutgoingMessage:
+        """A message held whole in memory (a small one), streamed in pieces all the same."""
+        header_end = message.find(b"\r\n\r\n")
+        header = message if header_end < 0 else message[:header_end]
+        return cls(b"", header, len(message), lambda: MemoryStream(message))
+
+
+class MemoryStream:
+    """Content held in memory (a small message), as a `ContentStream` of slices."""
+
+    def __init__(self, message: bytes) -> None:
+        self._message = message
+        self._offset = 0
+
+    def __aiter__(self) -> MemoryStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        start = self._offset
+        if start >= len(self._message):
+            raise StopAsyncIteration
+        self._offset += MEMORY_BLOCK
+        return self._message[start : self._offset]
+
+    async def aclose(self) -> None:
+        """Nothing to release: the message is the caller's."""
+        self._offset = len(self._message)
+
+
+class DotStuffer:
+    """Dot-stuffs a message given in pieces cut anywhere, as `_data_payload` does to it whole.
+
+    A dot that starts a line (at the very start, or after any LF) is doubled, whether or not
+    the line began in an earlier piece; `end` adds the CRLF the message lacks, if it does, and
+    the end-of-data line.
+    """
+
+    def __init__(self) -> None:
+        self._line_start = True
+        self._last = b""  # the last two bytes seen
+
+    def feed(self, piece: bytes) -> bytes:
+        """The stuffed form of the next piece."""
+        if not piece:
+            return piece
+        stuffed = piece.replace(b"\n.", b"\n..")
+        if self._line_start and piece.startswith(b"."):
+            stuffed = b"." + stuffed
+        self._line_start = piece.endswith(b"\n")
+        self._last = (self._last + piece[-2:])[-2:]
+        return stuffed
+
+    def end(self) -> bytes:
+        """What follows the last piece: a CRLF if the message did not end with one, then `.`."""
+        return (b"" if self._last == b"\r\n" else b"\r\n") + b".\r\n"
+
+
+def _needs_smtputf8(sender: str, recipients: Sequence[str], header: bytes) -> bool:
+    """Whether an address or the header section is not ASCII (anything after it is ignored)."""
     if not sender.isascii() or not all(r.isascii() for r in recipients):
         return True
-    header_end = message.find(b"\r\n\r\n")
-    headers = message if header_end < 0 else message[:header_end]
-    return not headers.isascii()
+    header_end = header.find(b"\r\n\r\n")
+    return not (header if header_end < 0 else header[:header_end]).isascii()
 
 
 def _data_payload(message: bytes) -> bytes:
-    """Dot-stuff the message and add the end-of-data line."""
+    """Dot-stuff the message and add the end-of-data line (whole: `DotStuffer` streams it)."""
     if not message.endswith(b"\r\n"):
         message += b"\r\n"
     return _LINE_START_DOT.sub(b"..", message) + b".\r\n"
@@ -160,11 +252,17 @@ class Deliverer:
         self.connections_reused = 0
 
     async def deliver(
-        self, route: Route, sender: str, recipients: Sequence[str], message: bytes
+        self,
+        route: Route,
+        sender: str,
+        recipients: Sequence[str],
+        message: OutgoingMessage | bytes,
     ) -> Attempt:
         """Try to deliver `message` to `recipients` through `route`, once."""
         if self._closed:
             raise RuntimeError("the deliverer is closed")
+        if isinstance(message, bytes):
+            message = OutgoingMessage.in_memory(message)
         key: RouteKey = (route.host, route.port, route.tls_name)
         conn = await self._take_idle(key)
         if conn is not None:
@@ -288,7 +386,7 @@ class Deliverer:
         conn: _Connection,
         sender: str,
         recipients: Sequence[str],
-        message: bytes,
+        message: OutgoingMessage,
     ) -> Attempt:
         """Run MAIL, RCPT and DATA on a verified connection; pool it again when clean."""
         host = f"{key[0]}:{key[1]}"
@@ -315,10 +413,10 @@ class Deliverer:
         host: str,
         sender: str,
         recipients: Sequence[str],
-        message: bytes,
+        message: OutgoingMessage,
     ) -> Attempt:
         client = conn.client
-        utf8 = _needs_smtputf8(sender, recipients, message)
+        utf8 = _needs_smtputf8(sender, recipients, message.header)
         if utf8 and not client.supports_extension("smtputf8"):
             conn.clean = True
             raise PermanentDeliveryError(
@@ -327,7 +425,7 @@ class Deliverer:
         encoding = "utf-8" if utf8 else "ascii"
         options = ["SMTPUTF8"] if utf8 else []
         if client.supports_extension("size"):
-            options.append(f"SIZE={len(message)}")
+            options.append(f"SIZE={message.size}")
         try:
             await client.mail(sender, options=options, encoding=encoding)
         except aiosmtplib.SMTPSenderRefused as exc:
@@ -369,8 +467,10 @@ class Deliverer:
         protocol = client.protocol
         if protocol is None:
             raise aiosmtplib.SMTPServerDisconnected("connection lost")
+        stuffer = DotStuffer()
+        await self._write_content(protocol, host, message, stuffer)
         try:
-            protocol.write(_data_payload(message))
+            protocol.write(stuffer.end())
             final = await protocol.read_response(timeout=self._command_timeout)
         except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError, OSError):
             # The end of data may have arrived: not delivered, but maybe a duplicate later.
@@ -388,3 +488,30 @@ class Deliverer:
         return Attempt(
             host, conn.tls, delivered + tuple(refused), response=final.code, ambiguous=False
         )
+
+    async def _write_content(
+        self,
+        protocol: aiosmtplib.protocol.SMTPProtocol,
+        host: str,
+        message: OutgoingMessage,
+        stuffer: DotStuffer,
+    ) -> None:
+        """Write the message after the 354, dot-stuffed, one block at a time, all but its end.
+
+        Each block waits for the socket to drain (at most the command timeout), so a slow
+        server holds up the reading of the content rather than letting it pile up in memory.
+        A connection lost here has not seen the end of data: a deferral, never ambiguous.
+        """
+        content = message.open_content()
+        try:
+            protocol.write(stuffer.feed(message.top))
+            async for block in content:
+                protocol.write(stuffer.feed(block))
+                async with asyncio.timeout(self._command_timeout):
+                    await protocol._drain_helper()  # StreamWriter.drain's flow control
+        except (aiosmtplib.SMTPServerDisconnected, OSError) as exc:  # OSError: also timeouts
+            raise TemporaryDeliveryError(
+                f"{host}: connection lost or stalled while sending the message", kind="disconnected"
+            ) from exc
+        finally:
+            await content.aclose()

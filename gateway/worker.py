@@ -6,6 +6,12 @@ nothing: the message moves to the hold queue), reads the content from the encryp
 the decision header, and delivers each route's recipients over verified TLS. Every outcome is an
 audit record written before the spool changes; a delivered or bounced message's content is
 deleted at once (retain no longer than necessary).
+
+The content is never held whole. One pass in a thread (`_prepare`) loads the entry, verifies
+every chunk, keeps the header section, hashes the body and signs; each route's delivery then
+reads the content again from the spool as a `SpoolStream`, a block at a time, in a thread. A
+message that fits in one block (most do) is kept from that pass instead and sent from memory.
+Memory per delivery is a block and the header section, whatever the size of the message.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -22,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gateway import dkim, records, schedule
 from gateway.audit import AuditLog
 from gateway.config import DeliveryConfig, DkimConfig, Route
-from gateway.delivery import Attempt, Deliverer
+from gateway.delivery import Attempt, Deliverer, MemoryStream, OutgoingMessage
 from gateway.errors import AuditError, DeliveryError, PermanentDeliveryError, SpoolError
 from gateway.headers import decision_field
 from gateway.logconfig import get_logger
@@ -31,7 +38,7 @@ from gateway.notices import NoticeKind
 from gateway.notifier import Notifier
 from gateway.policy import Policy
 from gateway.queue_entry import QueueEntry, Recipient, State
-from gateway.spool import Spool
+from gateway.spool import READ_BLOCK, Spool
 
 log = get_logger("worker")
 
@@ -43,17 +50,98 @@ class DecisionSigner:
         self.key = key
         self.config = config
 
-    def sign(self, ref: str, message: bytes) -> bytes:
-        """The message with its DKIM-Signature on top; unsigned if a header is malformed."""
+    def signature(self, ref: str, scan: dkim.MessageScan) -> bytes:
+        """The DKIM-Signature field for a scanned message; b"" (send unsigned) if it cannot be."""
         try:
-            signature = dkim.sign(
-                message, key=self.key, domain=self.config.domain, selector=self.config.selector
+            return dkim.sign_scan(
+                scan, key=self.key, domain=self.config.domain, selector=self.config.selector
             )
         except ValueError:
             # A client header line that is not a field cannot be signed; say so, send as is.
             log.warning("message_unsigned", ref=ref, reason="malformed_header")
-            return message
-        return signature + message
+            return b""
+
+
+class SpoolStream:
+    """The content of a spooled message as a delivery's `ContentStream`, read in a thread.
+
+    Each step decrypts one block (`Spool.content_blocks`) in a thread; a lock makes a close
+    wait for a read still running there (after a cancelled delivery), so the file is never
+    closed under it.
+    """
+
+    def __init__(self, spool: Spool, ref: str) -> None:
+        self._blocks = spool.content_blocks(ref)
+        self._lock = threading.Lock()
+
+    def __aiter__(self) -> SpoolStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        block = await asyncio.to_thread(self._next)
+        if block is None:
+            raise StopAsyncIteration
+        return block
+
+    async def aclose(self) -> None:
+        """Close the content file (in a thread, after any read in progress)."""
+        await asyncio.to_thread(self._close)
+
+    def _next(self) -> bytes | None:
+        with self._lock:
+            return next(self._blocks, None)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._blocks.close()
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """What an attempt needs before it can send: all from one pass over the content."""
+
+    entry: QueueEntry
+    decision: bytes  # the decision field ("" for a notice)
+    header: bytes  # the header section as it will be sent (SMTPUTF8 is decided on it)
+    size: int  # of the content alone
+    signature: bytes  # the DKIM-Signature field, or "" (unsigned)
+    content: bytes | None  # the whole content when it fits in one block: no second read
+
+
+def _prepare(spool: Spool, ref: str, signer: DecisionSigner | None) -> _Prepared | None:
+    """Load the entry and read the content once (blocking); None if there is nothing to send.
+
+    Every chunk is verified on the way, so damaged content is a SpoolError before anything
+    is recorded or sent. The decision field is scanned first, as it will be sent. The
+    signature is made here too, in the same trip to a thread; a message the policy holds
+    after all has cost one signature for nothing.
+    """
+    if not spool.contains(ref):
+        return None  # finished or removed meanwhile
+    entry = spool.load(ref)
+    if entry.state is State.HELD or not entry.pending():
+        return None
+    if entry.notice:
+        # A notice carries no content of any message: no decision header, no signature.
+        decision, signer = b"", None
+    else:
+        decision = decision_field(ref=ref, policy_version=entry.policy, at=entry.decided_at)
+    scan = dkim.MessageScan(hash_body=signer is not None)
+    scan.update(decision)
+    kept: list[bytes] | None = []
+    size = 0
+    with contextlib.closing(spool.open_content(ref)) as chunks:
+        for chunk in chunks:
+            scan.update(chunk)
+            size += len(chunk)
+            if kept is not None:
+                kept.append(chunk)
+                if size > READ_BLOCK:
+                    kept = None  # too big to keep: each delivery streams it from the spool
+    scan.finish()
+    signature = b"" if signer is None else signer.signature(ref, scan)
+    content = None if kept is None else b"".join(kept)
+    return _Prepared(entry, decision, signature + scan.header, size, signature, content)
 
 
 _LOG_EVENTS = {
@@ -177,16 +265,12 @@ class Worker:
     async def attempt(self, ref: str) -> None:
         """Make one delivery attempt for every pending recipient of message `ref`."""
         self._queued.discard(ref)
-        if not await asyncio.to_thread(self.spool.contains, ref):
-            return  # finished or removed meanwhile: nothing to do
-        entry = await asyncio.to_thread(self.spool.load, ref)
-        if entry.state is State.HELD or not entry.pending():
+        prepared = await asyncio.to_thread(_prepare, self.spool, ref, self.signer)
+        if prepared is None:
             return
-        content = await asyncio.to_thread(self.spool.read_content, ref)
-        if entry.notice:
-            # A notice carries no content of any message: the policy does not apply to it.
-            message = content
-        else:
+        entry = prepared.entry
+        if not entry.notice:
+            # The policy in force now decides (invariant 1); it does not apply to a notice.
             policy = self.policy()
             today = self.clock().date()
             pending = entry.pending()
@@ -196,11 +280,18 @@ class Worker:
                 reasons = [f"{v.reason}:{v.domain}" for v in verdicts if not v.secure]
                 await self._hold(entry, policy, insecure, reasons)
                 return
-            message = (
-                decision_field(ref=ref, policy_version=entry.policy, at=entry.decided_at) + content
-            )
-            if self.signer is not None:
-                message = await asyncio.to_thread(self.signer.sign, ref, message)
+        top = prepared.signature + prepared.decision
+        content = prepared.content
+        message = OutgoingMessage(
+            top=top,
+            header=prepared.header,
+            size=len(top) + prepared.size,
+            open_content=(
+                (lambda: SpoolStream(self.spool, ref))
+                if content is None
+                else (lambda: MemoryStream(content))
+            ),
+        )
         # Recipients whose routes lead to the same server (host, port, certificate name) go in
         # one transaction, as Postfix groups by next hop.
         groups: dict[tuple[str, int, str] | None, tuple[Route | None, list[Recipient]]] = {}
@@ -214,7 +305,11 @@ class Worker:
         await self._settle(entry, outcomes)
 
     async def _deliver_group(
-        self, entry: QueueEntry, route: Route | None, group: list[Recipient], message: bytes
+        self,
+        entry: QueueEntry,
+        route: Route | None,
+        group: list[Recipient],
+        message: OutgoingMessage,
     ) -> Outcome:
         if route is None:
             return ("no_route", group, None, None)

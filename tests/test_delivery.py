@@ -1,14 +1,39 @@
 import asyncio
+import base64
+import contextlib
 import datetime as dt
+import hashlib
+import itertools
+import json
+import os
+import random
 import socket
+import sys
+import time
+import tracemalloc
+from dataclasses import replace
+from pathlib import Path
 
+import dkim as dkimpy
 import pytest
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import tls
+from gateway.audit import AuditLog
 from gateway.config import Route
-from gateway.delivery import Deliverer
+from gateway.delivery import Deliverer, DotStuffer, OutgoingMessage, _data_payload
+from gateway.dkim import verify_message
 from gateway.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliveryError
+from gateway.headers import decision_field
+from gateway.keys import dkim_record_for, load_keys
+from gateway.policy import load_policy
+from gateway.queue_entry import QueueEntry, Recipient, State
+from gateway.reference import new_reference
+from gateway.spool import Spool
+from gateway.worker import DecisionSigner, Worker
+from tests.harness import make_setup
 from tests.receiver import start_receiver, stop_receiver
 
 SENDER = "canary.sender@agency.example"
@@ -358,3 +383,292 @@ async def test_downstream_offering_only_weak_ciphers_defers(deliverer, start, ce
         await deliverer.deliver(route_to(port), SENDER, [ALICE], MESSAGE)
     assert info.value.kind == "tls_handshake"
     assert handler.messages == []
+
+
+# -- streaming ---------------------------------------------------------------------------------
+
+
+def _split(data, cuts):
+    """`data` cut at the given positions, with an empty piece between each two."""
+    points = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    return [piece for a, b in itertools.pairwise(points) for piece in (data[a:b], b"")]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    message=st.lists(
+        st.sampled_from([b".", b"..", b"\r\n", b"\n", b"\r", b"a", b"\r\n.\r\n", b" "])
+        | st.binary(max_size=3),
+        max_size=30,
+    ).map(b"".join),
+    cuts=st.lists(st.integers(0, 100), max_size=10),
+)
+def test_dot_stuffing_in_any_pieces_is_the_stuffing_of_the_whole(message, cuts):
+    """Stuffing a message piece by piece, cut anywhere, gives what stuffing it whole gives."""
+    stuffer = DotStuffer()
+    streamed = b"".join(stuffer.feed(piece) for piece in _split(message, cuts)) + stuffer.end()
+    assert _data_payload(message) == streamed
+
+
+def _streamed_content(size):
+    """A plausible message of about `size` bytes whose body is hard on stuffing and DKIM."""
+    lines = [
+        b".",
+        b"..two dots",
+        b".one dot",
+        b"trailing white space \t ",
+        b"  runs \t\t of    white   space",
+        b"",
+        b"Plain text of a referral, line after line. " * 3,
+    ]
+    rng = random.Random(size)
+    head = (
+        b"Received: from agency.test ([127.0.0.1])\r\n\tby gateway.test; Wed, 25 Nov 2026\r\n"
+        b"From: Duty Officer <duty.officer@bromley.gcsx.gov.uk>\r\n"
+        b"To: lead@nhs.net\r\nSubject: OFFICIAL-SENSITIVE streamed\r\n\r\n"
+    )
+    body = []
+    total = len(head)
+    while total < size:
+        line = rng.choice(lines) + b"\r\n"
+        body.append(line)
+        total += len(line)
+    return head + b"".join(body) + b"\r\n\r\n\r\n"
+
+
+@contextlib.asynccontextmanager
+async def spool_worker(tmp_path, ca, client_tls_context, nhs_port, police_port):
+    """A worker with a real spool, transfer log, policy and DKIM key, delivering to two ports.
+
+    Mail for nhs.net goes to `nhs_port`, for pnn.police.uk to `police_port`. Yields the worker,
+    its spool, the policy version and the DKIM public key.
+    """
+    setup = make_setup(tmp_path, ca, receiver_port=nhs_port)
+    config = setup.config
+    keys = load_keys(config.keys_path)
+    spool = Spool(config.spool_path, keys.spool_key)
+    spool.prepare(process_start=time.time())
+    audit = AuditLog.from_config(config.audit, keys.signing_key)
+    await audit.start()
+    policy = load_policy(config.policy_path)
+    routes = tuple(
+        replace(r, port=police_port) if r.domain == "pnn.police.uk" else r
+        for r in config.delivery.routes
+    )
+    worker = Worker(
+        spool=spool,
+        audit=audit,
+        deliverer=Deliverer(
+            tls_context=client_tls_context, helo_name="gateway.test", connect_timeout=5
+        ),
+        delivery=replace(config.delivery, routes=routes),
+        policy=lambda: policy,
+        clock=lambda: dt.datetime.now(dt.UTC),
+        signer=DecisionSigner(keys.dkim_key, config.dkim),
+    )
+    try:
+        yield worker, spool, policy.version, keys.dkim_key.public_key()
+    finally:
+        await worker.stop()
+        await audit.close()
+
+
+def spool_message(spool, policy_version, content, recipients):
+    """Commit `content` for `recipients` to the spool as a released message; return its entry."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    writer = spool.new_message(new_reference(now, random=os.urandom(10)))
+    for start in range(0, len(content), 256 * 1024):
+        writer.write(content[start : start + 256 * 1024])
+    entry = QueueEntry(
+        ref=writer.ref,
+        state=State.ACTIVE,
+        received=now,
+        client="test-agency",
+        sender=SENDER,
+        sender_domain="agency.example",
+        sender_pseudonym="p:" + "a" * 32,
+        recipients=tuple(
+            Recipient(a, a.partition("@")[2], f"p:{n:032x}") for n, a in enumerate(recipients)
+        ),
+        verdict="release",
+        reasons=(),
+        policy=policy_version,
+        decided_at=now,
+        size=writer.size,
+        digest=writer.digest,
+    )
+    spool.commit(writer, entry)
+    return entry
+
+
+def record_mail_options(handler):
+    """Make the receiver keep each MAIL command's options (SIZE=); return the list they go to."""
+    seen = []
+
+    async def handle_mail(_server, _session, envelope, address, options):
+        seen.append(options)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    handler.handle_MAIL = handle_mail
+    return seen
+
+
+async def test_multi_megabyte_message_streams_from_the_spool_to_two_routes(
+    tmp_path, ca, client_tls_context, start
+):
+    """A 3 MB message goes to two servers at once, each byte-identical, signed and verifiable."""
+    nhs_port, nhs = await start()
+    police_port, police = await start()
+    options = record_mail_options(nhs)
+    content = _streamed_content(3 * 1024 * 1024)
+    async with spool_worker(tmp_path, ca, client_tls_context, nhs_port, police_port) as (
+        worker,
+        spool,
+        policy_version,
+        public_key,
+    ):
+        entry = spool_message(
+            spool, policy_version, content, ["lead@nhs.net", "x@met.pnn.police.uk"]
+        )
+        await worker.attempt(entry.ref)
+        assert not spool.contains(entry.ref)
+    [to_nhs], [to_police] = nhs.messages, police.messages
+    assert to_nhs.content == to_police.content
+    decision = decision_field(ref=entry.ref, policy_version=policy_version, at=entry.decided_at)
+    signature = to_nhs.content[: to_nhs.content.index(decision)]
+    assert signature.startswith(b"DKIM-Signature: ")
+    assert signature + decision + content == to_nhs.content
+    assert verify_message(to_nhs.content, public_key).valid
+    record = dkim_record_for(public_key).encode("ascii")
+
+    def lookup(name, timeout=5):
+        """The published key record, whatever is asked (offline DNS)."""
+        return record
+
+    assert dkimpy.verify(to_nhs.content, dnsfunc=lookup)
+    assert [[f"SIZE={len(to_nhs.content)}"]] == options
+
+
+BLOCKS_BEFORE_GIVING_UP = 400  # 25 MB: under the receiver's 32 MiB limit
+
+
+class _HangUpAfterFirstBlock:
+    """Content of many blocks whose receiver hangs up once the first block is written."""
+
+    def __init__(self, receiver):
+        self.receiver = receiver
+        self.blocks = 0
+        self.closed = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.blocks == 1:
+            await self.receiver.wait_gone()
+        if self.closed or self.blocks == BLOCKS_BEFORE_GIVING_UP:
+            raise StopAsyncIteration
+        self.blocks += 1
+        return await asyncio.to_thread(bytes, 64 * 1024)
+
+    async def aclose(self):
+        self.closed = True
+
+
+async def test_connection_lost_while_the_body_streams_is_a_deferral_not_ambiguous(
+    deliverer, receiver
+):
+    """A hang-up before the end of data is a temporary failure; the connection is not reused."""
+    port, handler = receiver
+    content = _HangUpAfterFirstBlock(handler)
+    size = BLOCKS_BEFORE_GIVING_UP * 64 * 1024
+    message = OutgoingMessage(b"", b"Subject: x\r\n", size, lambda: content)
+    with pytest.raises(TemporaryDeliveryError) as info:
+        await deliverer.deliver(route_to(port), SENDER, [ALICE], message)
+    assert info.value.kind == "disconnected"
+    assert content.closed
+    assert 1 < content.blocks < BLOCKS_BEFORE_GIVING_UP
+    assert handler.messages == []
+    assert_no_personal_data(info.value)
+    attempt = await deliverer.deliver(route_to(port), SENDER, [BOB], MESSAGE)
+    assert attempt.response == 250
+    assert deliverer.connections_opened == 2
+    assert deliverer.connections_reused == 0
+
+
+RECEIVER_PROCESS = """
+import asyncio, base64, hashlib, json, sys
+from pathlib import Path
+from gateway import tls
+from tests.receiver import start_receiver, stop_receiver
+
+async def main():
+    context = tls.server_context(Path(sys.argv[1]), Path(sys.argv[2]))
+    server, port, handler = await start_receiver(tls_context=context)
+    print(port, flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+    got = [
+        {
+            "size": len(m.content),
+            "sha256": hashlib.sha256(m.content).hexdigest(),
+            "head": base64.b64encode(m.content[:4096]).decode(),
+        }
+        for m in handler.messages
+    ]
+    print(json.dumps(got), flush=True)
+    await stop_receiver(server, handler)
+
+asyncio.run(main())
+"""
+
+
+async def test_memory_of_a_delivery_does_not_grow_with_the_message(
+    tmp_path, ca, client_tls_context, cert_files
+):
+    """Delivering a 20 MB message from the spool never holds more than a few MB at once."""
+    cert, key = cert_files
+    # The receiver runs in a process of its own: the copy it keeps is not ours to count.
+    receiver_process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        RECEIVER_PROCESS,
+        str(cert),
+        str(key),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=Path(__file__).parents[1],
+    )
+    try:
+        port = int(await asyncio.wait_for(receiver_process.stdout.readline(), 30))
+        async with spool_worker(tmp_path, ca, client_tls_context, port, port) as (
+            worker,
+            spool,
+            policy_version,
+            _,
+        ):
+            entry = spool_message(
+                spool, policy_version, _streamed_content(20 * 1024 * 1024), ["lead@nhs.net"]
+            )
+            tracemalloc.start()
+            try:
+                await worker.attempt(entry.ref)
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            assert not spool.contains(entry.ref)
+        out, _ = await asyncio.wait_for(receiver_process.communicate(b"\n"), 60)
+    finally:
+        if receiver_process.returncode is None:
+            receiver_process.kill()
+            await receiver_process.wait()
+    [got] = json.loads(out)
+    head = base64.b64decode(got["head"])
+    signature = head[: head.index(b"X-Safeguarding-Decision: ")]
+    decision = decision_field(ref=entry.ref, policy_version=policy_version, at=entry.decided_at)
+    whole = signature + decision + _streamed_content(20 * 1024 * 1024)
+    expected = (len(whole), hashlib.sha256(whole).hexdigest())
+    assert expected == (got["size"], got["sha256"])
+    # About 2.5 MB measured (blocks, their stuffed copies, TLS buffers); one copy would be 20.
+    assert peak < 8 * 1024 * 1024, f"peak {peak} bytes for a {len(whole)}-byte delivery"

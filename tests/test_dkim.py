@@ -1,4 +1,6 @@
 import base64
+import hashlib
+import itertools
 import re
 from datetime import UTC, datetime
 
@@ -6,6 +8,9 @@ import dkim as dkimpy
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from dkim.canonicalization import Relaxed
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway import dkim
 from gateway.headers import decision_field, received_field
@@ -318,3 +323,182 @@ def test_parse_decision_refuses_other_forms(value):
     """A bad reference, a missing, repeated, unknown or malformed part is a ValueError."""
     with pytest.raises(ValueError, match="decision header"):
         dkim.parse_decision(value.encode("utf-8"))
+
+
+# -- streamed signing ------------------------------------------------------------------------
+
+# Bytes that exercise relaxed body canonicalisation and dot-stuffing: line ends of both kinds,
+# lone CR and LF, white-space runs, dots at line starts, empty lines.
+_PIECES = [b"\r\n", b"\r", b"\n", b" ", b"\t", b"  \t ", b".", b"..", b"a", b"Zz", b"\r\n\r\n"]
+bodies = st.lists(st.sampled_from(_PIECES) | st.binary(max_size=4), max_size=40).map(b"".join)
+field_values = st.text(
+    alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=30
+).map(lambda text: text.encode("ascii"))
+# One From at most: dkimpy's verifier refuses a message with more (dkimpy bug#644046).
+header_fields = st.lists(
+    st.tuples(
+        st.sampled_from([b"To", b"Subject", b"cc", b"X-Other", b"Date", b"SUBJECT"]),
+        field_values,
+        st.sampled_from([b"", b"\r\n\tfolded", b"\r\n  more  "]),
+    ),
+    max_size=6,
+).map(
+    lambda fields: (
+        b"From: a@b.example\r\n"
+        + b"".join(name + b": " + value + fold + b"\r\n" for name, value, fold in fields)
+    )
+)
+
+
+def _split(data, cuts):
+    """`data` cut at the given positions (any order, repeats allowed)."""
+    points = sorted({0, len(data), *(min(c, len(data)) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+def _streamed_signature(message, cuts, timestamp=None):
+    """The DKIM-Signature field for `message`, fed to the scanner in pieces."""
+    scan = dkim.MessageScan()
+    for piece in _split(message, cuts):
+        scan.update(piece)
+    scan.finish()
+    return dkim.sign_scan(scan, key=KEY, domain=DOMAIN, selector=SELECTOR, timestamp=timestamp)
+
+
+def _dkimpy_signature(message):
+    """The field dkimpy writes for the whole message, with the gateway's parameters."""
+    seed = KEY.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    return dkimpy.sign(
+        message,
+        SELECTOR.encode("ascii"),
+        DOMAIN.encode("ascii"),
+        base64.b64encode(seed),
+        signature_algorithm=dkim.ALGORITHM,
+        canonicalize=(b"relaxed", b"relaxed"),
+        include_headers=[name for name in dkim.SIGNED_HEADERS for _ in range(2)],
+    )
+
+
+def _dkimpy_body_hash(message):
+    """SHA-256 of the body as dkimpy canonicalises it (relaxed), for the whole message."""
+    _, body = dkimpy.rfc822_parse(message)
+    return hashlib.sha256(Relaxed.canonicalize_body(body)).digest()
+
+
+@settings(max_examples=300, deadline=None)
+@given(headers=header_fields, body=bodies, cuts=st.lists(st.integers(0, 400), max_size=8))
+def test_streamed_signature_verifies_and_hashes_the_body_as_dkimpy_does(headers, body, cuts):
+    """Any message signed in any pieces verifies with dkimpy and here; bh= is dkimpy's."""
+    message = _released(content=headers + b"\r\n" + body)
+    field = _streamed_signature(message, cuts)
+    assert dkimpy.verify(field + message, dnsfunc=_dns_table())
+    assert dkim.verify_message(field + message, KEY.public_key()).valid
+    expected = base64.b64encode(_dkimpy_body_hash(message)).decode("ascii")
+    assert expected == _tags(field)["bh"]
+    assert expected == _tags(_dkimpy_signature(message))["bh"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(body=bodies, cuts=st.lists(st.integers(0, 200), max_size=10))
+def test_body_hash_in_any_pieces_is_dkimpy_relaxed_body_hash(body, cuts):
+    """The incremental relaxed body hash equals dkimpy's for any bytes cut anywhere."""
+    hasher = dkim.RelaxedBodyHash()
+    for piece in _split(body, cuts):
+        hasher.update(piece)
+    normalised = b"\r\n".join(re.split(b"\r?\n", body))  # how dkimpy reads line ends
+    assert hashlib.sha256(Relaxed.canonicalize_body(normalised)).digest() == hasher.digest()
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    head=st.lists(st.sampled_from([*_PIECES, b"A: b", b"From x", b" cont", b"X:"]), max_size=12),
+    body=bodies,
+    cuts=st.lists(st.integers(0, 200), max_size=8),
+)
+def test_scan_splits_header_and_body_where_dkimpy_does(head, body, cuts):
+    """The header section found in pieces parses as dkimpy parses the message, or both refuse."""
+    message = b"".join(head) + body
+    scan = dkim.MessageScan()
+    for piece in _split(message, cuts):
+        scan.update(piece)
+    scan.finish()
+    try:
+        expected = dkimpy.rfc822_parse(message)[0]
+    except (dkimpy.MessageFormatError, IndexError):
+        with pytest.raises(ValueError, match="not a header field"):
+            dkim._header_fields(scan.header)
+        return
+    assert expected == [[n, v] for n, v in dkim._header_fields(scan.header)]
+    assert _dkimpy_body_hash(message) == scan.body_hash()
+
+
+def test_streamed_field_is_byte_for_byte_what_dkimpy_writes():
+    """With the same t=, the field is exactly dkimpy's: same tags, order, folding and b=."""
+    message = _released()
+    theirs = _dkimpy_signature(message)
+    when = int(_tags(theirs)["t"])
+    ours = _streamed_signature(message, [1, 100, 101, 400], timestamp=when)
+    assert theirs == ours
+
+
+def test_trailing_empty_lines_held_back_across_pieces_count_when_text_follows():
+    """Empty lines at a piece's end are dropped only if the body ends there."""
+    ended = dkim.RelaxedBodyHash()
+    for piece in (b"a\r\n", b"\r\n\r", b"\n \t\r\n"):
+        ended.update(piece)
+    continued = dkim.RelaxedBodyHash()
+    for piece in (b"a\r\n", b"\r\n\r", b"\n \t\r\n", b"b"):
+        continued.update(piece)
+    expected = (
+        hashlib.sha256(b"a\r\n").digest(),
+        hashlib.sha256(b"a\r\n\r\n\r\n\r\nb\r\n").digest(),
+    )
+    assert expected == (ended.digest(), continued.digest())
+
+
+def test_long_white_space_runs_and_blank_line_runs_hash_in_one_pass():
+    """Megabyte runs of white space and of empty lines canonicalise to one space / nothing."""
+    hasher = dkim.RelaxedBodyHash()
+    for piece in (b"a", b" \t" * 500_000, b"b" + b" " * 300_000, b"\r\n" * 400_000, b"c\r\n"):
+        hasher.update(piece)
+    assert hashlib.sha256(b"a b\r\n\r\n" * 1 + b"\r\n" * 399_998 + b"c\r\n").digest() == (
+        hasher.digest()
+    )
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b" leading continuation line\r\n",  # dkimpy fails on it with IndexError
+        b"Subject: fine\r\nno colon on this line\r\n",
+        b"Subject: fine\r\n: empty name\r\n",
+    ],
+)
+def test_streamed_signing_refuses_malformed_header_sections(head):
+    """A header section dkimpy cannot read is a ValueError that quotes nothing."""
+    scan = dkim.MessageScan()
+    scan.update(head + b"\r\nbody\r\n")
+    scan.finish()
+    with pytest.raises(ValueError, match="not a header field") as caught:
+        dkim.sign_scan(scan, key=KEY, domain=DOMAIN, selector=SELECTOR)
+    assert "colon" not in str(caught.value)
+    assert "continuation" not in str(caught.value)
+
+
+def test_mbox_from_line_is_skipped_as_dkimpy_skips_it():
+    """An mbox `From ` line in the header section is ignored, as dkimpy ignores it."""
+    message = _released(content=b"From someone Wed Nov 25 03:40:12 2026\r\n" + CONTENT)
+    assert dkim.verify_message(_streamed_signature(message, [7]) + message, KEY.public_key()).valid
+
+
+def test_header_section_over_the_limit_is_not_signed():
+    """A header section larger than the scan keeps is refused rather than signed in part."""
+    scan = dkim.MessageScan(max_header=1000)
+    scan.update(_released(content=b"X-Filler: " + b"f" * 2000 + b"\r\n" + CONTENT))
+    scan.finish()
+    assert scan.too_large
+    assert len(scan.header) == 1000
+    with pytest.raises(ValueError, match="too large"):
+        dkim.sign_scan(scan, key=KEY, domain=DOMAIN, selector=SELECTOR)

@@ -6,6 +6,7 @@ import sys
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -465,3 +466,36 @@ def test_entry_of_format_1_is_read_as_a_message_not_a_notice():
     raw = entry.to_json().replace(b'"format":2', b'"format":1').replace(b'"notice":false,', b"")
     assert b"notice" not in raw
     assert QueueEntry.from_json(raw) == entry
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK_SIZE, 4 * CHUNK_SIZE, 4 * CHUNK_SIZE + 1, len(BIG)])
+def test_content_blocks_are_whole_chunks_of_about_the_block_size(spool, size):
+    """Blocks join to the content, each but the last at least the block size, none empty."""
+    body = (BIG * 2)[:size]
+    store(spool, make_ref(1), body)
+    blocks = list(spool.content_blocks(make_ref(1), 2 * CHUNK_SIZE))
+    assert b"".join(blocks) == body
+    assert all(2 * CHUNK_SIZE <= len(b) <= 3 * CHUNK_SIZE for b in blocks[:-1])
+    assert all(blocks)
+
+
+def test_closing_content_blocks_early_closes_the_file(spool):
+    """A reader that stops after one block and closes leaves no file open."""
+    store(spool, make_ref(1), BIG)
+    path = spool.root / "data" / f"{make_ref(1)}.msg"
+
+    def is_open():
+        """Whether this process holds the content file open (Linux /proc)."""
+        targets = []
+        for fd in Path("/proc/self/fd").iterdir():
+            try:
+                targets.append(fd.readlink())
+            except OSError:  # the listing's own descriptor, gone already
+                continue
+        return path in targets
+
+    blocks = spool.content_blocks(make_ref(1), CHUNK_SIZE)
+    assert len(next(blocks)) == CHUNK_SIZE
+    assert is_open()
+    blocks.close()
+    assert not is_open()
