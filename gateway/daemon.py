@@ -156,6 +156,7 @@ class Daemon:
             tls_context=client_context,
             helo_name=config.server.hostname,
             connect_timeout=config.delivery.connect_timeout,
+            max_idle_per_route=config.delivery.concurrency,
         )
         worker = self.worker = Worker(
             spool=self.spool,

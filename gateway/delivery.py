@@ -7,8 +7,10 @@ message raise `TemporaryDeliveryError` (defer) or `PermanentDeliveryError` (boun
 `Attempt`. Exception messages name the host and code only, never an address, and are raised
 `from None` where the library's exception would carry one.
 
-One idle verified connection per route is kept for reuse; a delivery takes it out of the pool
-while it runs, so concurrent deliveries never share one.
+Idle verified connections are kept for reuse, up to `max_idle_per_route` per route (the
+delivery concurrency, as Postfix's connection cache keeps several per destination); a delivery
+takes one out of the pool while it runs, so concurrent deliveries never share one, and the most
+recently used is taken first, so the pool shrinks back by idle expiry after a burst.
 
 A message is an `OutgoingMessage`: the fields the gateway puts on top, the header section (it
 alone decides SMTPUTF8), the size, and a way to open a fresh stream of the content. After the
@@ -225,7 +227,7 @@ async def _ehlo(client: _Client, host: str) -> None:
 
 
 class Deliverer:
-    """Delivers messages over verified TLS, reusing one idle connection per route."""
+    """Delivers messages over verified TLS, reusing idle connections per route."""
 
     def __init__(
         self,
@@ -235,6 +237,7 @@ class Deliverer:
         connect_timeout: float,
         idle_reuse: float = 30.0,
         max_messages_per_connection: int = 100,
+        max_idle_per_route: int = 1,
         command_timeout: float = 300.0,
     ) -> None:
         if tls_context.verify_mode != ssl.CERT_REQUIRED or not tls_context.check_hostname:
@@ -245,7 +248,8 @@ class Deliverer:
         self._command_timeout = command_timeout
         self._idle_reuse = idle_reuse
         self._max_messages = max_messages_per_connection
-        self._idle: dict[RouteKey, _Connection] = {}
+        self._max_idle = max_idle_per_route
+        self._idle: dict[RouteKey, list[_Connection]] = {}  # per route, most recent last
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
         self.connections_opened = 0
@@ -276,7 +280,7 @@ class Deliverer:
     async def close(self) -> None:
         """Say QUIT on every idle connection and wait until all are closed."""
         self._closed = True
-        idle = list(self._idle.values())
+        idle = [conn for stack in self._idle.values() for conn in stack]
         self._idle.clear()
         for conn in idle:
             if conn.timer is not None:
@@ -337,31 +341,40 @@ class Deliverer:
         return tls
 
     async def _take_idle(self, key: RouteKey) -> _Connection | None:
-        conn = self._idle.pop(key, None)
-        if conn is None:
-            return None
-        if conn.timer is not None:
-            conn.timer.cancel()
-            conn.timer = None
-        age = asyncio.get_running_loop().time() - conn.last_used
-        if not conn.client.is_connected or age > self._idle_reuse:
+        stack = self._idle.get(key)
+        while stack:
+            conn = stack.pop()
+            if not stack:
+                del self._idle[key]
+            if conn.timer is not None:
+                conn.timer.cancel()
+                conn.timer = None
+            age = asyncio.get_running_loop().time() - conn.last_used
+            if conn.client.is_connected and age <= self._idle_reuse:
+                return conn
             await self._dispose(conn.client, polite=True)
-            return None
-        return conn
+            stack = self._idle.get(key)
+        return None
 
     async def _put_idle(self, key: RouteKey, conn: _Connection) -> None:
         full = conn.messages >= self._max_messages
-        if self._closed or full or key in self._idle or not conn.client.is_connected:
+        stack = self._idle.setdefault(key, [])
+        if self._closed or full or len(stack) >= self._max_idle or not conn.client.is_connected:
+            if not stack:
+                del self._idle[key]
             await self._dispose(conn.client, polite=True)
             return
         loop = asyncio.get_running_loop()
         conn.last_used = loop.time()
         conn.timer = loop.call_later(self._idle_reuse, self._expire, key, conn)
-        self._idle[key] = conn
+        stack.append(conn)
 
     def _expire(self, key: RouteKey, conn: _Connection) -> None:
-        if self._idle.get(key) is conn:
-            del self._idle[key]
+        stack = self._idle.get(key, [])
+        if conn in stack:
+            stack.remove(conn)
+            if not stack:
+                del self._idle[key]
             task = asyncio.get_running_loop().create_task(self._dispose(conn.client, polite=True))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)

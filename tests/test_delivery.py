@@ -245,6 +245,32 @@ async def test_concurrent_deliveries_do_not_share_a_connection(deliverer, receiv
     assert len(handler.messages) == 3
 
 
+async def test_the_pool_keeps_up_to_max_idle_per_route(client_tls_context, receiver):
+    """After a burst of three, two connections stay for the next burst; the third is closed."""
+    port, handler = receiver
+    deliverer = Deliverer(
+        tls_context=client_tls_context,
+        helo_name="gateway.test",
+        connect_timeout=5,
+        max_idle_per_route=2,
+    )
+    try:
+        burst = [ALICE, BOB, ALICE]
+        await asyncio.gather(
+            *(deliverer.deliver(route_to(port), SENDER, [r], MESSAGE) for r in burst)
+        )
+        assert deliverer.connections_opened == 3
+        attempts = await asyncio.gather(
+            *(deliverer.deliver(route_to(port), SENDER, [r], MESSAGE) for r in (ALICE, BOB))
+        )
+        assert [a.response for a in attempts] == [250, 250]
+        assert deliverer.connections_opened == 3
+        assert deliverer.connections_reused == 2
+    finally:
+        await deliverer.close()
+    assert len(handler.messages) == 5
+
+
 async def test_message_limit_per_connection(client_tls_context, receiver):
     """A connection that carried its quota of messages is not used again."""
     port, _ = receiver
