@@ -20,7 +20,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from gateway import records, tls
+from gateway import memtune, records, tls
 from gateway.admin import AdminService
 from gateway.audit import AuditLog
 from gateway.config import Config, ListenAddress, parse_listen
@@ -408,4 +408,5 @@ class Daemon:
 
 def serve(config: Config) -> None:
     """Run the daemon until SIGTERM or SIGINT."""
+    memtune.tune()  # before any thread starts: see memtune
     asyncio.run(Daemon(config).run())

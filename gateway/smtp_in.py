@@ -42,7 +42,7 @@ warnings.filterwarnings(
     "ignore", message="Session.login_data is deprecated", category=DeprecationWarning
 )
 
-_WRITE_CHUNK = 256 * 1024
+_WRITE_CHUNK = 128 * 1024  # content handed to the spool writer per trip to a thread
 _DATA_READ_LIMIT = 64 * 1024  # read-ahead while in DATA (commands keep aiosmtpd's 1001)
 _RATE_CHECK_EVERY = 1.0  # seconds between looks at a slow upload's rate
 
@@ -151,10 +151,32 @@ class GatewaySMTP(AuthMechanisms, SMTP):
         self.inbound.metrics.session_opened()
         try:
             await super()._handle_client()
+        except (asyncio.CancelledError, ConnectionResetError):
+            # The connection is gone (aiosmtpd cancels this task on connection_lost and then
+            # re-raises). The session ends here: the exception's traceback would hold this
+            # session, its TLS buffers and its frames in a reference cycle until a full
+            # garbage collection, some hundreds of KiB per connection; ending cleanly lets
+            # reference counting free them at once.
+            pass
         finally:
             self.inbound.sessions.discard(self)
             self.inbound.release(self.peer_ip)
             self.inbound.metrics.session_closed()
+            self._forget()
+
+    def _forget(self) -> None:
+        """Break the session's reference cycles, so that it is freed when it ends.
+
+        aiosmtpd keeps this session's bound command and AUTH methods in dicts on the session
+        itself, and a lost connection leaves its exception (whose traceback holds the
+        transport) in the stream reader: each a cycle that only a full garbage collection
+        would free, with the TLS buffers of the connection in it.
+        """
+        self._smtp_methods.clear()
+        self._auth_methods.clear()
+        self._handle_hooks.clear()
+        self._client_connected_cb = None  # asyncio's StreamReaderProtocol: a bound method
+        self._reader = self._writer = None  # type: ignore[assignment]
 
     @property
     def busy(self) -> bool:
@@ -483,11 +505,11 @@ class GatewaySMTP(AuthMechanisms, SMTP):
                 if len(pending) >= _WRITE_CHUNK:
                     if not failed:
                         try:
-                            await asyncio.to_thread(writer.write, bytes(pending))
+                            await asyncio.to_thread(writer.write, pending)
                         except SpoolError:
                             log.exception("spool_write_failed", ref=ref)
                             failed = True
-                    pending.clear()
+                    pending = bytearray()  # the written one is the writer's to copy, not ours
         finally:
             self._in_data = False
             _set_read_limit(stream, line_limit)

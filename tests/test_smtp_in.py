@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ssl
 
 import pytest
 
 from gateway import replies
+from gateway.smtp_in import GatewaySMTP
 from gateway.spool import State
-from tests.harness import make_setup, running_gateway
+from tests.harness import make_setup, running_gateway, smtp_send
 
 SENDER = "duty.officer@bromley.gcsx.gov.uk"
 
@@ -380,3 +382,36 @@ async def test_silence_inside_data_gets_421(delivering):
     assert await raw.reply() == replies.TIMEOUT
     await raw.close()
     assert list((daemon.config.spool_path / "tmp").iterdir()) == []
+
+
+async def test_a_finished_session_is_freed_at_once(delivering):
+    """Sessions leave no reference cycle behind: freed without the cyclic garbage collector.
+
+    aiosmtpd's sessions sit in cycles (bound methods kept on themselves, a lost connection's
+    exception in the stream reader) that held each connection's TLS buffers until a full
+    collection: memory swung by a hundred MB under load.
+    """
+    setup, _daemon, port, _handler = delivering
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(3):
+            await asyncio.to_thread(
+                smtp_send, port, setup.client_context, SENDER, ["lead@nhs.net"], b"\r\nfreed\r\n"
+            )
+        reset = await RawClient.connect(port)  # one that goes away without a word
+        await reset.reply()
+        await reset.starttls(setup.client_context)
+        reset.writer.transport.abort()
+        quiet = await RawClient.connect(port)  # and one closed by the idle timeout
+        await quiet.reply()
+        async with asyncio.timeout(10):
+            while await quiet.reader.read(1024):
+                pass
+        await quiet.close()
+        await reset.close()
+        await asyncio.sleep(0.2)
+        alive = [o for o in gc.get_objects() if isinstance(o, GatewaySMTP)]
+    finally:
+        gc.enable()
+    assert alive == []
