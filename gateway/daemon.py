@@ -43,6 +43,8 @@ from gateway.worker import DecisionSigner, Worker
 
 log = get_logger("daemon")
 
+TRIM_EVERY = 5.0  # seconds between two returns of free heap pages to the system
+
 
 def utc_now() -> datetime:
     """The current time, UTC."""
@@ -226,6 +228,7 @@ class Daemon:
                 clients=len(config.clients),
             )
             self.ready.set()
+            self._keep(loop.create_task(_trim_memory()))
             if self.sd is not None:
                 listening = ", ".join(a for s in self.servers for a in self._bound(s))
                 self.sd.ready(
@@ -404,6 +407,13 @@ class Daemon:
     async def _reload_from_signal(self) -> None:
         with contextlib.suppress(GatewayError):  # recorded and logged by reload()
             await self.reload()
+
+
+async def _trim_memory() -> None:
+    """Every TRIM_EVERY seconds, give the heap's free pages back (see memtune)."""
+    while True:
+        await asyncio.sleep(TRIM_EVERY)
+        await asyncio.to_thread(memtune.trim)
 
 
 def serve(config: Config) -> None:

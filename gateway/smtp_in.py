@@ -42,8 +42,8 @@ warnings.filterwarnings(
     "ignore", message="Session.login_data is deprecated", category=DeprecationWarning
 )
 
-_WRITE_CHUNK = 128 * 1024  # content handed to the spool writer per trip to a thread
-_DATA_READ_LIMIT = 64 * 1024  # read-ahead while in DATA (commands keep aiosmtpd's 1001)
+_WRITE_CHUNK = 64 * 1024  # content handed to the spool writer per trip to a thread
+_DATA_READ_LIMIT = 32 * 1024  # read-ahead while in DATA (commands keep aiosmtpd's 1001)
 _RATE_CHECK_EVERY = 1.0  # seconds between looks at a slow upload's rate
 
 

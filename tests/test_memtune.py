@@ -38,3 +38,15 @@ def test_glibc_takes_a_fixed_mmap_threshold_and_two_arenas():
 def test_the_environment_wins():
     """A setting given in the environment (glibc's own spelling) is left alone."""
     assert _tune({"MALLOC_ARENA_MAX": "4"}) == {"MALLOC_MMAP_THRESHOLD_": 131072}
+
+
+def test_tls_reads_are_64_kib_after_tuning():
+    """The TLS read size of asyncio (a buffer of it per connection) is lowered to 64 KiB."""
+    script = (
+        "import asyncio.sslproto; from gateway import memtune; memtune.tune();"
+        " print(asyncio.sslproto.SSLProtocol.max_size, memtune.trim())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert done.stdout.split() == ["65536", "True"]
