@@ -37,34 +37,39 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
-import os
 import resource
 import socket
 import ssl
-import statistics
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import aiosmtplib
+import trustme
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from common import (
+    DECISION_HEADER,
+    FILLER_LINE,
+    RECIPIENT,
+    SENDER,
+    Results,
+    bench_id,
+    log_problems,
+    make_head,
+    stop_gateway,
+)
+from procstat import (
+    cpu_seconds,
+    latencies_ms,
+    proc_kib,
+)
 
-import aiosmtplib  # noqa: E402
-import trustme  # noqa: E402
-from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
+# Importable once `common` has put the project root on sys.path.
+from tests.harness import GatewayProcess, make_setup, without_dkim
 
-from tests.harness import GatewayProcess, make_setup, without_dkim  # noqa: E402
-
-SENDER = "duty.officer@bromley.gcsx.gov.uk"
-RECIPIENT = "lead@nhs.net"
-BENCH_HEADER = b"X-Bench-Id: "
-DECISION_HEADER = b"X-Safeguarding-Decision: "
 CLIENT_TIMEOUT = 30.0
 
 
@@ -89,10 +94,8 @@ class Sink:
         self.last_at = time.perf_counter()
         if not without_dkim(content).startswith(DECISION_HEADER):
             self.without_decision += 1
-        start = content.find(BENCH_HEADER)
-        if start >= 0:
-            end = content.find(b"\r\n", start)
-            self.ids.add(content[start + len(BENCH_HEADER) : end])
+        if (tag := bench_id(content)) is not None:
+            self.ids.add(tag)
         self.changed.set()
         return "250 2.0.0 Ok: sunk"
 
@@ -109,40 +112,9 @@ async def start_sink(context: ssl.SSLContext, sink: Sink) -> asyncio.Server:
 # -- the gateway process ------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a whole process (every thread), from /proc/<pid>/stat."""
-    text = Path(f"/proc/{pid}/stat").read_text()
-    fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def peak_rss_mb(pid: int) -> float:
     """VmHWM of a process in MiB, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def log_problems(process: GatewayProcess) -> tuple[Counter[str], list[str]]:
-    """Warning/error events (and deferrals) by level:event, with the first line of each kind."""
-    counts: Counter[str] = Counter()
-    samples: list[str] = []
-    for line in list(process.output):
-        try:
-            event = json.loads(line)
-        except ValueError:
-            kind = "unparsed_output"
-        else:
-            level = str(event.get("level", ""))
-            name = str(event.get("event", ""))
-            if level not in {"warning", "error", "critical"} and name != "message_deferred":
-                continue
-            kind = f"{level}:{name}"
-        if kind not in counts:
-            samples.append(line.rstrip())
-        counts[kind] += 1
-    return counts, samples
+    return proc_kib(f"/proc/{pid}/status", "VmHWM:") / 1024
 
 
 # -- the load generator -------------------------------------------------------------------------
@@ -150,33 +122,8 @@ def log_problems(process: GatewayProcess) -> tuple[Counter[str], list[str]]:
 
 def make_message(number: int) -> bytes:
     """A plain ~4 KiB message carrying its number in a header the sink reads back."""
-    head = (
-        f"From: Duty Officer <{SENDER}>\r\n"
-        f"To: Safeguarding Lead <{RECIPIENT}>\r\n"
-        f"Subject: OFFICIAL-SENSITIVE bench message {number}\r\n"
-        f"Message-ID: <bench-{number}@bromley.gcsx.gov.uk>\r\n"
-        "Date: Tue, 25 Nov 2025 03:42:30 +0000\r\n"
-        "MIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=us-ascii\r\n"
-        f"X-Bench-Id: {number}\r\n"
-        "\r\n"
-    ).encode()
-    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n"
-    body = line * ((4096 - len(head)) // len(line) + 1)
-    return head + body
-
-
-@dataclass
-class Results:
-    data_s: list[float] = field(default_factory=list)
-    total_s: list[float] = field(default_factory=list)
-    accepted: int = 0
-    replies: Counter[str] = field(default_factory=Counter)  # non-250 replies, "step code"
-    errors: Counter[str] = field(default_factory=Counter)  # client-side exceptions
-    first_error: dict[str, str] = field(default_factory=dict)
-    first_start: float = 0.0
-    last_end: float = 0.0
-    attempted: int = 0
+    head = make_head(str(number))
+    return head + FILLER_LINE * ((4096 - len(head)) // len(FILLER_LINE) + 1)
 
 
 def set_nodelay(client: aiosmtplib.SMTP) -> None:
@@ -230,12 +177,9 @@ async def send_one(port: int, context: ssl.SSLContext, message: bytes, results: 
         with contextlib.suppress(aiosmtplib.SMTPException, OSError):
             await client.quit()
     except aiosmtplib.SMTPResponseException as exc:
-        results.replies[f"{step} {exc.code}"] += 1
-        results.first_error.setdefault(f"{step} {exc.code}", f"{exc.code} {exc.message}")
+        results.refused(step, exc.code, f"{exc.code} {exc.message}")
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-        key = f"{step} {type(exc).__name__}"
-        results.errors[key] += 1
-        results.first_error.setdefault(key, str(exc))
+        results.failed(step, exc)
     finally:
         client.close()
 
@@ -252,15 +196,6 @@ async def run_load(
     async with asyncio.TaskGroup() as group:
         for _ in range(min(concurrency, messages)):
             group.create_task(worker())
-
-
-def percentile(values: list[float], fraction: float) -> float | None:
-    """Nearest-rank percentile in milliseconds, or None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = min(max(1, math.ceil(fraction * len(ordered))), len(ordered))
-    return round(ordered[rank - 1] * 1000, 2)
 
 
 # -- the whole run ------------------------------------------------------------------------------
@@ -305,17 +240,6 @@ async def bench(messages: int, concurrency: int, budget: float) -> dict[str, obj
                 await asyncio.wait_for(sink_server.wait_closed(), 5)
 
 
-def stop_gateway(process: GatewayProcess) -> None:
-    try:
-        status = process.terminate()
-    except Exception:  # noqa: BLE001 (a stuck gateway must still be reaped)
-        process.kill()
-        status = -9
-    if status != 0:
-        tail = "".join(process.output[-20:])
-        print(f"gateway exited with status {status}; last output:\n{tail}", file=sys.stderr)
-
-
 async def measure(
     process: GatewayProcess,
     *,
@@ -329,7 +253,7 @@ async def measure(
 ) -> dict[str, object]:
     loop = asyncio.get_running_loop()
     results = Results()
-    cpu_before = cpu_seconds(pid)
+    cpu_before = cpu_seconds(pid, reaped=False)
     own_before = resource.getrusage(resource.RUSAGE_SELF)
     load = loop.create_task(run_load(port, context, messages, concurrency, results))
     timed_out = False
@@ -347,7 +271,7 @@ async def measure(
             await asyncio.wait_for(sink.changed.wait(), max(0.0, deadline - loop.time()))
     if sink.received < results.accepted:
         timed_out = True
-    cpu_after = cpu_seconds(pid)
+    cpu_after = cpu_seconds(pid, reaped=False)
     own_after = resource.getrusage(resource.RUSAGE_SELF)
     rss = peak_rss_mb(pid)
 
@@ -358,7 +282,7 @@ async def measure(
     own_cpu = (own_after.ru_utime - own_before.ru_utime) + (
         own_after.ru_stime - own_before.ru_stime
     )
-    problems, samples = log_problems(process)
+    problems, samples = log_problems(process.output, width=None)
     return {
         "messages": messages,
         "concurrency": concurrency,
@@ -376,17 +300,8 @@ async def measure(
         "deliver_wall_s": round(deliver_wall, 3),
         "accepted_per_s": round(results.accepted / send_wall, 1) if send_wall > 0 else None,
         "delivered_per_s": round(sink.received / deliver_wall, 1) if deliver_wall > 0 else None,
-        "data_to_250_ms": {
-            "p50": percentile(results.data_s, 0.50),
-            "p99": percentile(results.data_s, 0.99),
-            "max": percentile(results.data_s, 1.0),
-            "mean": round(statistics.fmean(results.data_s) * 1000, 2) if results.data_s else None,
-        },
-        "connect_to_250_ms": {
-            "p50": percentile(results.total_s, 0.50),
-            "p99": percentile(results.total_s, 0.99),
-            "max": percentile(results.total_s, 1.0),
-        },
+        "data_to_250_ms": latencies_ms(results.data_s, mean=True),
+        "connect_to_250_ms": latencies_ms(results.total_s),
         "gateway_cpu_ms_per_message": round(per_message * 1000, 2) if per_message else None,
         "gateway_cpu_s": round(cpu_after - cpu_before, 2),
         "gateway_peak_rss_mb": round(rss, 1),
@@ -394,7 +309,7 @@ async def measure(
         "non_250_replies": dict(results.replies),
         "client_errors": dict(results.errors),
         "first_error_text": results.first_error,
-        "gateway_log_problems": dict(problems),
+        "gateway_log_problems": problems,
         "gateway_log_samples": samples,
     }
 

@@ -52,54 +52,54 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import resource
 import shutil
-import socket
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import trustme
+from aiosmtpd.smtp import SMTP
+from common import (
+    FILLER_LINE,
+    Client,
+    CountingSink,
+    HelperProcess,
+    RefusedError,
+    Results,
+    answer_requests,
+    log_problems,
+    make_head,
+    server_context,
+    stop_gateway,
+    write_cert_files,
+)
+from procstat import (
+    CLK_TCK,
+    PssSampler,
+    cell,
+    latencies_ms,
+    tree_cpu,
+)
 
-import trustme  # noqa: E402
-from aiosmtpd.smtp import SMTP, Envelope, Session  # noqa: E402
+# Importable once `common` has put the project root on sys.path.
+from tests.harness import GatewayProcess, make_setup
+from tests.postfix_agency import MASTER_CF as AGENCY_MASTER_CF
+from tests.postfix_agency import POSTFIX, PostfixAgency, free_port, instance_root
 
-from tests.harness import GatewayProcess, make_setup  # noqa: E402
-from tests.postfix_agency import MASTER_CF as AGENCY_MASTER_CF  # noqa: E402
-from tests.postfix_agency import POSTFIX, PostfixAgency, free_port, instance_root  # noqa: E402
-
-SENDER = "duty.officer@bromley.gcsx.gov.uk"
-RECIPIENT = "lead@nhs.net"
-BENCH_HEADER = b"X-Bench-Id: "
 CLIENT_TIMEOUT = 30.0
-SAMPLE_EVERY = 0.2
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SERVERS = ("gateway", "postfix", "floor")
 
 
-# -- /proc: CPU and memory of a process tree ----------------------------------------------------
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/<pid>/stat (so index 0 is `state`), or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
+# -- /proc: the whole machine (a process tree's CPU and memory: common) -------------------------
 
 
 def machine_cpu() -> tuple[float, float]:
@@ -110,116 +110,20 @@ def machine_cpu() -> tuple[float, float]:
     return busy / CLK_TCK, idle / CLK_TCK
 
 
-def descendants(root: int) -> list[int]:
-    """`root` and every live process below it, from the ppid of every process in /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        fields = _stat(int(entry.name))
-        if fields is not None:
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def tree_cpu(root: int) -> tuple[float, int]:
-    """CPU seconds of a process tree: utime+stime+cutime+cstime of each live member.
-
-    The cutime/cstime of a process is the time of its children that have exited and been
-    reaped, so a daemon that exits between two readings still counts (in its parent's figure).
-    """
-    total = 0
-    pids = descendants(root)
-    for pid in pids:
-        fields = _stat(pid)
-        if fields is not None:
-            total += sum(int(value) for value in fields[11:15])
-    return total / CLK_TCK, len(pids)
-
-
-def pss_kib(pids: list[int]) -> int:
-    """Proportional set size summed over `pids`, from /proc/<pid>/smaps_rollup, in KiB."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-                    break
-    return total
-
-
-class PssSampler(threading.Thread):
-    """Peak PSS of a process tree (re-read each time), sampled every 0.2 s and at the end."""
-
-    def __init__(self, root: int) -> None:
-        super().__init__(daemon=True)
-        self.root = root
-        self.peak_kib = 0
-        self.samples = 0
-        self.max_processes = 0
-        self.cpu_s = 0.0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        start = time.thread_time()
-        while True:
-            halted = self._halt.is_set()
-            pids = descendants(self.root)
-            self.max_processes = max(self.max_processes, len(pids))
-            self.peak_kib = max(self.peak_kib, pss_kib(pids))
-            self.samples += 1
-            if halted:
-                break
-            self._halt.wait(SAMPLE_EVERY)
-        self.cpu_s = time.thread_time() - start
-
-    def finish(self) -> None:
-        """Take one last sample and stop."""
-        self._halt.set()
-        self.join(10)
-
-
 # -- the sink: a process of its own ---------------------------------------------------------------
 
 
-@dataclass
-class SinkHandler:
-    """What the sink received for one server under test."""
-
-    received: int = 0
-    ids: set[bytes] = field(default_factory=set)
-    decision: int = 0
-    dkim: int = 0
-    last_at: float = 0.0
-
-    async def handle_DATA(  # noqa: N802 (aiosmtpd hook name)
-        self, _server: SMTP, _session: Session, envelope: Envelope
-    ) -> str:
-        content = envelope.original_content or b""
-        self.last_at = time.monotonic()
-        self.received += 1
-        head = content[: content.find(b"\r\n\r\n") + 2]
-        self.decision += b"X-Safeguarding-Decision: " in head
-        self.dkim += head.startswith(b"DKIM-Signature:")
-        start = head.find(BENCH_HEADER)
-        if start >= 0:
-            end = head.find(b"\r\n", start)
-            self.ids.add(head[start + len(BENCH_HEADER) : end])
-        return "250 2.0.0 Ok: sunk"
-
-
 def sink_main(folder: Path) -> int:
-    """Run the sink (two listeners), print their ports, answer `stat` lines on stdin."""
+    """Run the sink (a listener per server), print their ports, answer `stat` lines on stdin."""
     logging.getLogger("mail.log").setLevel(logging.WARNING)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(str(folder / "cert.pem"), str(folder / "key.pem"))
-    counts = {name: SinkHandler() for name in SERVERS}
+    context = server_context(folder)
+    counts = {name: CountingSink() for name in SERVERS}
+
+    def stat() -> dict[str, list[float]]:
+        return {
+            name: [c.received, len(c.ids), c.decision, c.dkim, c.last_at]
+            for name, c in counts.items()
+        }
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -237,22 +141,7 @@ def sink_main(folder: Path) -> int:
                 0,
             )
             ports[name] = server.sockets[0].getsockname()[1]
-        print(json.dumps(ports), flush=True)
-        done = asyncio.Event()
-
-        def answer() -> None:
-            for line in sys.stdin:
-                if line.strip() != "stat":
-                    break
-                state = {
-                    name: [c.received, len(c.ids), c.decision, c.dkim, c.last_at]
-                    for name, c in counts.items()
-                }
-                print(json.dumps(state), flush=True)
-            loop.call_soon_threadsafe(done.set)
-
-        threading.Thread(target=answer, daemon=True).start()
-        await done.wait()
+        await answer_requests(ports, {"stat": stat})
 
     asyncio.run(serve())
     return 0
@@ -267,45 +156,15 @@ class SinkCounts:
     last_at: float
 
 
-class SinkProcess:
-    """The sink subprocess: start, ask for counts, stop by its PID."""
+class SinkProcess(HelperProcess):
+    """The sink subprocess: its port per server; counts per server."""
 
     def __init__(self, folder: Path) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--sink-process", str(folder)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        self.lock = threading.Lock()
-        if self.proc.stdin is None or self.proc.stdout is None:
-            raise RuntimeError("no pipes to the sink")
-        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
-        line = self.stdout.readline()
-        if not line:
-            self.stop()
-            raise RuntimeError("the sink did not start")
-        self.ports: dict[str, int] = json.loads(line)
+        super().__init__(__file__, ["--sink-process", str(folder)], name="the sink")
+        self.ports: dict[str, int] = self.ready
 
     def stat(self, server: str) -> SinkCounts:
-        with self.lock:
-            self.stdin.write("stat\n")
-            self.stdin.flush()
-            state = json.loads(self.stdout.readline())
-        return SinkCounts(*state[server])
-
-    def stop(self) -> None:
-        with contextlib.suppress(OSError):
-            self.stdin.close()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        return SinkCounts(*self.ask("stat")[server])
 
 
 # -- the load generator -------------------------------------------------------------------------
@@ -313,147 +172,34 @@ class SinkProcess:
 
 def make_message(tag: str) -> bytes:
     """A plain 4 KiB message carrying `tag` in a header the sink reads back."""
-    head = (
-        f"From: Duty Officer <{SENDER}>\r\n"
-        f"To: Safeguarding Lead <{RECIPIENT}>\r\n"
-        f"Subject: OFFICIAL-SENSITIVE bench message {tag}\r\n"
-        f"Message-ID: <bench-{tag}@bromley.gcsx.gov.uk>\r\n"
-        "Date: Tue, 25 Nov 2025 03:42:30 +0000\r\n"
-        "MIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=us-ascii\r\n"
-        f"X-Bench-Id: {tag}\r\n"
-        "\r\n"
-    ).encode()
-    line = b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor.\r\n"
-    full, rest = divmod(4096 - len(head), len(line))
+    head = make_head(tag)
+    full, rest = divmod(4096 - len(head), len(FILLER_LINE))
     if rest < 2:
-        full, rest = full - 1, rest + len(line)
-    return head + line * full + b"x" * (rest - 2) + b"\r\n"
-
-
-class RefusedError(Exception):
-    """A reply other than the one expected."""
-
-    def __init__(self, step: str, code: int, text: str) -> None:
-        super().__init__(f"{step} {code} {text}")
-        self.step = step
-        self.code = code
-        self.text = text
-
-
-@dataclass
-class Results:
-    data_s: list[float] = field(default_factory=list)
-    total_s: list[float] = field(default_factory=list)
-    accepted: int = 0
-    attempted: int = 0
-    replies: Counter[str] = field(default_factory=Counter)
-    errors: Counter[str] = field(default_factory=Counter)
-    first_error: dict[str, str] = field(default_factory=dict)
-    first_start: float = 0.0
-    last_end: float = 0.0
-
-
-class Client:
-    """A minimal SMTP client on asyncio streams, TCP_QUICKACK after every write."""
-
-    def __init__(self, quickack: bool) -> None:
-        self.quickack = quickack
-        self.reader = asyncio.StreamReader()
-        self.writer: asyncio.StreamWriter | None = None
-        self.sock: Any = None
-
-    def _ack_now(self) -> None:
-        if self.quickack and self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
-
-    async def connect(self, port: int) -> None:
-        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
-        self.sock = self.writer.get_extra_info("socket")
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._ack_now()
-
-    async def reply(self, step: str, expect: int) -> None:
-        lines = []
-        while True:
-            line = await self.reader.readline()
-            if not line.endswith(b"\n"):
-                raise ConnectionError(f"connection closed at {step}")
-            lines.append(line)
-            if line[3:4] != b"-":
-                break
-        code = int(line[:3])
-        if code != expect:
-            raise RefusedError(step, code, b"".join(lines).decode("utf-8", "replace").strip())
-
-    def _writer(self) -> asyncio.StreamWriter:
-        if self.writer is None:
-            raise ConnectionError("not connected")
-        return self.writer
-
-    async def command(self, step: str, data: bytes, expect: int) -> None:
-        self._writer().write(data)
-        self._ack_now()
-        await self.reply(step, expect)
-
-    async def starttls(self, context: ssl.SSLContext) -> None:
-        await self.command("starttls", b"STARTTLS\r\n", 220)
-        await self._writer().start_tls(context, server_hostname="localhost")
-        self._ack_now()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.transport.abort()
+        full, rest = full - 1, rest + len(FILLER_LINE)
+    return head + FILLER_LINE * full + b"x" * (rest - 2) + b"\r\n"
 
 
 async def send_one(
     port: int, context: ssl.SSLContext, message: bytes, results: Results, quickack: bool
 ) -> None:
     client = Client(quickack)
-    step = "connect"
     started = time.monotonic()
     results.attempted += 1
     if not results.first_start:
         results.first_start = started
-    try:
+    with results.recording(client):
         async with asyncio.timeout(CLIENT_TIMEOUT):
-            await client.connect(port)
-            step = "greeting"
-            await client.reply(step, 220)
-            step = "ehlo"
-            await client.command(step, b"EHLO agency.test\r\n", 250)
-            step = "starttls"
-            await client.starttls(context)
-            step = "ehlo2"
-            await client.command(step, b"EHLO agency.test\r\n", 250)
-            step = "mail"
-            await client.command(step, f"MAIL FROM:<{SENDER}>\r\n".encode(), 250)
-            step = "rcpt"
-            await client.command(step, f"RCPT TO:<{RECIPIENT}>\r\n".encode(), 250)
-            step = "data"
-            await client.command(step, b"DATA\r\n", 354)
-            step = "dot"
+            await client.hello(port, context)
+            await client.envelope()
             before = time.monotonic()
-            await client.command(step, message + b".\r\n", 250)
+            await client.command("dot", message + b".\r\n", 250)
             done = time.monotonic()
             results.accepted += 1
             results.data_s.append(done - before)
             results.total_s.append(done - started)
             results.last_end = max(results.last_end, done)
-            step = "quit"
             with contextlib.suppress(RefusedError, OSError):
-                await client.command(step, b"QUIT\r\n", 221)
-    except RefusedError as exc:
-        key = f"{exc.step} {exc.code}"
-        results.replies[key] += 1
-        results.first_error.setdefault(key, exc.text)
-    except (OSError, ssl.SSLError, TimeoutError, ValueError) as exc:
-        key = f"{step} {type(exc).__name__}"
-        results.errors[key] += 1
-        results.first_error.setdefault(key, str(exc))
-    finally:
-        client.close()
+                await client.command("quit", b"QUIT\r\n", 221)
 
 
 async def run_load(
@@ -474,15 +220,6 @@ async def run_load(
     async with asyncio.TaskGroup() as group:
         for _ in range(min(concurrency, len(tags))):
             group.create_task(worker())
-
-
-def percentile(values: list[float], fraction: float) -> float | None:
-    """Nearest-rank percentile in milliseconds, or None without values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = min(max(1, math.ceil(fraction * len(ordered))), len(ordered))
-    return round(ordered[rank - 1] * 1000, 2)
 
 
 # -- the servers --------------------------------------------------------------------------------
@@ -617,32 +354,10 @@ def start_gateway(root: Path, ca: trustme.CA, sink_port: int) -> Server:
         raise RuntimeError("the gateway did not start")
 
     def stop() -> None:
-        try:
-            status = process.terminate()
-        except Exception:  # noqa: BLE001 (a stuck gateway must still be reaped)
-            process.kill()
-            status = -9
-        if status != 0:
-            tail = "".join(process.output[-20:])
-            print(f"gateway exited with status {status}:\n{tail}", file=sys.stderr)
+        stop_gateway(process)
 
     def problems() -> tuple[dict[str, int], list[str]]:
-        counts: Counter[str] = Counter()
-        samples: list[str] = []
-        for line in list(process.output):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                kind = "unparsed_output"
-            else:
-                level, name = str(event.get("level", "")), str(event.get("event", ""))
-                if level not in {"warning", "error", "critical"} and name != "message_deferred":
-                    continue
-                kind = f"{level}:{name}"
-            if kind not in counts:
-                samples.append(line.rstrip()[:300])
-            counts[kind] += 1
-        return dict(counts), samples
+        return log_problems(process.output)
 
     return Server("gateway", port, process.proc.pid, stop, problems)
 
@@ -862,17 +577,8 @@ async def run_one(
         "deliver_wall_s": round(deliver_wall, 3),
         "accepted_per_s": round(results.accepted / send_wall, 1) if send_wall > 0 else None,
         "delivered_per_s": round(delivered / deliver_wall, 1) if deliver_wall > 0 else None,
-        "connect_to_250_ms": {
-            "p50": percentile(results.total_s, 0.50),
-            "p99": percentile(results.total_s, 0.99),
-            "max": percentile(results.total_s, 1.0),
-        },
-        "data_to_250_ms": {
-            "p50": percentile(results.data_s, 0.50),
-            "p99": percentile(results.data_s, 0.99),
-            "max": percentile(results.data_s, 1.0),
-            "mean": round(statistics.fmean(results.data_s) * 1000, 2) if results.data_s else None,
-        },
+        "connect_to_250_ms": latencies_ms(results.total_s),
+        "data_to_250_ms": latencies_ms(results.data_s, mean=True),
         "server_cpu_s": round(server_cpu, 3),
         "server_cpu_ms_per_message": (
             round(server_cpu * 1000 / results.accepted, 2) if results.accepted else None
@@ -934,10 +640,7 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="gateway-compare-"))
     try:
         for folder in ("sink", "server"):
-            cert = ca.issue_cert("localhost", "127.0.0.1")
-            (tmp / folder).mkdir()
-            cert.private_key_pem.write_to_path(str(tmp / folder / "key.pem"))
-            cert.cert_chain_pems[0].write_to_path(str(tmp / folder / "cert.pem"))
+            write_cert_files(ca, tmp / folder)
         ca.cert_pem.write_to_path(str(tmp / "ca.pem"))
         context = ssl.create_default_context(cafile=str(tmp / "ca.pem"))
         sink = await asyncio.to_thread(SinkProcess, tmp / "sink")
@@ -1014,7 +717,7 @@ def render(report: dict[str, Any]) -> str:
         header = "".join(f"{run['server']:>11}" for run in present)
         lines.append(f"  {'':26}{header}" + "".join(f"{label:>9}" for label, _ in ratios))
         for label, get in ROWS:
-            cells = "".join(f"{_cell(get(run)):>11}" for run in present)
+            cells = "".join(f"{cell(get(run)):>11}" for run in present)
             shown = ""
             for _, other in ratios:
                 left, right = get(runs["gateway"]), get(runs[other])
@@ -1049,10 +752,6 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"SKIPPED {skipped}")
     lines.append(f"wall time {report['wall_s']} s")
     return "\n".join(lines)
-
-
-def _cell(value: Any) -> str:
-    return "-" if value is None else str(value)
 
 
 def main() -> int:
