@@ -474,17 +474,33 @@ class GatewaySMTP(AuthMechanisms, SMTP):
         self._arrived = 0
         self._in_data = True
         line_limit = _set_read_limit(stream, _DATA_READ_LIMIT)
+        # The block read waits for CRLF . CRLF, so it must start where a CRLF still to come
+        # precedes any end of data: lines that begin with a dot (the end of data itself, or a
+        # stuffed line) or with a CR (an empty line's CRLF) are read whole at first; the first
+        # octet of any other line starts the blocks.
+        at_line_start = True
+        lead = b""  # the first octet of a line, read but not yet fed
         try:
-            await self._read_start(reader, pending)
             while not reader.finished:
-                # Up to the end of data, or a block of what has come so far. The stream stops
-                # at the first CRLF . CRLF and keeps what follows (a pipelined command) for
-                # the command loop; a partial block never ends inside a possible end of data.
+                # Every read below consumes nothing when cancelled by the timeout.
                 try:
                     async with asyncio.timeout(_RATE_CHECK_EVERY):
-                        block = await stream.readuntil(END_AFTER_LINE)
+                        if not at_line_start:
+                            # Up to the end of data, or a block of what has come so far. The
+                            # stream stops at the first CRLF . CRLF and keeps what follows (a
+                            # pipelined command) for the command loop; a partial block never
+                            # ends inside a possible end of data.
+                            block = await stream.readuntil(END_AFTER_LINE)
+                        else:
+                            lead = lead or await stream.readexactly(1)
+                            if lead in (b".", b"\r"):  # a dot line, or perhaps an empty one
+                                block = lead + await stream.readuntil(b"\n")
+                            else:  # a bare LF stays at the start of a line
+                                block, at_line_start = lead, lead == b"\n"
+                            lead = b""
                 except asyncio.LimitOverrunError as exc:
-                    block = await stream.readexactly(exc.consumed)
+                    block, lead = lead + await stream.readexactly(exc.consumed), b""
+                    at_line_start = False  # inside a long line now
                 except TimeoutError:
                     block = b""  # nothing complete yet: look at the rate, then wait again
                 if block:
@@ -535,25 +551,6 @@ class GatewaySMTP(AuthMechanisms, SMTP):
             purpose_header=reader.purpose_header,
             tail=bytes(pending),
         )
-
-    async def _read_start(self, reader: DataReader, pending: bytearray) -> None:
-        """Read up to the first octet of DATA that is not at the start of a line.
-
-        The block loop waits for CRLF . CRLF, so it must start where a CRLF still to come
-        would precede any end of data. Lines that begin with a dot (the end of data itself,
-        or a stuffed line) are read here whole; the first other octet ends this.
-        """
-        stream = self._reader
-        while not reader.finished:
-            first = await stream.readexactly(1)
-            if first != b".":
-                pending += reader.feed_block(first)
-                return
-            try:
-                pending += reader.feed_block(first + await stream.readuntil(b"\n"))
-            except asyncio.LimitOverrunError as exc:
-                pending += reader.feed_block(first + await stream.readexactly(exc.consumed))
-                return  # inside a long line now
 
     def data_received(self, data: bytes) -> None:
         """Count what arrives during DATA, and count it as activity for idle_timeout."""

@@ -323,6 +323,9 @@ async def _arrived(handler, marker: bytes) -> bytes:
         [b"Subject: a\r\n\r\nsplit-end-1\r\n", b".\r\n"],  # the end alone, after a whole line
         [b"Subject: a\r\n\r\nsplit-end-2\r", b"\n", b".", b"\r", b"\n"],  # octet by octet
         [b".", b"\r\n"],  # an empty message
+        [b"\r\n.\r\n"],  # an empty line, then the end
+        [b"\r", b"\n", b".\r\n"],  # the same in pieces
+        [b"\r\n\r\n\r\nsplit-end-5\r\n", b".\r\n"],  # empty lines first
         [b".Subject: a\r\n\r\n..split-end-3\r\n.\r\n"],  # dot-stuffed lines, start and body
         [b"Subject: a\r\n\r\nsplit-end-4\r\n.\r\nQUIT\r\n"],  # a command after the end
     ],
@@ -415,3 +418,20 @@ async def test_a_finished_session_is_freed_at_once(delivering):
     finally:
         gc.enable()
     assert alive == []
+
+
+async def test_a_trickle_of_dot_lines_is_cut_off(delivering):
+    """Lines that all begin with a dot, sent slower than min_data_rate, still get 421."""
+    setup, daemon, port, _handler = delivering
+    raw = await _open_data(setup, port)
+    reply = ""
+    async with asyncio.timeout(15):
+        while not reply:
+            await raw.send_raw(b"..\r\n")
+            try:
+                reply = (await asyncio.wait_for(raw.reader.readline(), 0.5)).decode().rstrip()
+            except TimeoutError:
+                continue
+    assert reply == replies.TOO_SLOW
+    await raw.close()
+    assert list((daemon.config.spool_path / "tmp").iterdir()) == []
