@@ -6,8 +6,10 @@ gateway overrides what it cannot trust or must do differently:
 - the greeting: a peer in no client's `networks` gets 554 and is closed, before anything else;
 - MAIL and RCPT: parsed from the raw argument with the gateway's strict grammar
   (aiosmtpd's own parser follows lenient header rules and silently drops source routes);
-- DATA: streamed line by line through `DataReader` into an encrypted spool file, never held
-  whole in memory, with smuggling, size and header checks;
+- DATA: read in blocks through `DataReader` into an encrypted spool file, never held whole
+  in memory, with smuggling, size and header checks;
+- EHLO: its reply lines written at once;
+- the end of a session: its reference cycles broken, so that it is freed at once;
 - exceptions: a fixed 451 and a logged event, never the exception text.
 """
 
