@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 import ssl
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,7 +37,6 @@ from gateway.errors import DeliveryError, PermanentDeliveryError, TemporaryDeliv
 
 QUIT_TIMEOUT = 5.0  # seconds to wait for a polite QUIT before just closing
 CLOSE_TIMEOUT = 5.0  # seconds to wait for the socket to be gone after closing
-_LINE_START_DOT = re.compile(rb"(?m)^\.")
 MEMORY_BLOCK = 256 * 1024  # piece size when a message held in memory is streamed
 
 RouteKey = tuple[str, int, str]
@@ -164,7 +162,7 @@ class MemoryStream:
 
 
 class DotStuffer:
-    """Dot-stuffs a message given in pieces cut anywhere, as `_data_payload` does to it whole.
+    """Dot-stuffs a message given in pieces cut anywhere (RFC 5321 section 4.5.2).
 
     A dot that starts a line (at the very start, or after any LF) is doubled, whether or not
     the line began in an earlier piece; `end` adds the CRLF the message lacks, if it does, and
@@ -197,13 +195,6 @@ def _needs_smtputf8(sender: str, recipients: Sequence[str], header: bytes) -> bo
         return True
     header_end = header.find(b"\r\n\r\n")
     return not (header if header_end < 0 else header[:header_end]).isascii()
-
-
-def _data_payload(message: bytes) -> bytes:
-    """Dot-stuff the message and add the end-of-data line (whole: `DotStuffer` streams it)."""
-    if not message.endswith(b"\r\n"):
-        message += b"\r\n"
-    return _LINE_START_DOT.sub(b"..", message) + b".\r\n"
 
 
 def _temporary(host: str, command: str, code: int, kind: str) -> TemporaryDeliveryError:

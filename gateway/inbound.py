@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import math
 import os
 import time
 from collections.abc import Callable
@@ -87,8 +86,8 @@ class Inbound:
         self.sessions: set[Any] = set()  # the GatewaySMTP sessions in flight
         self._idle = asyncio.Event()  # set whenever no session is open
         self._background: set[asyncio.Task[str | None]] = set()
-        self._space_ok = False
-        self._space_checked_at = -math.inf
+        self._space_ok = False  # False: look at the file system at the next MAIL
+        self._space_checked_at = 0.0
 
     async def drain(self, grace: float) -> int:
         """Stop accepting; tell idle sessions 421; wait up to `grace` for busy ones to finish.
@@ -164,7 +163,7 @@ class Inbound:
 
     def recheck_space(self) -> None:
         """A spool write failed (perhaps for want of space): look again at the next MAIL."""
-        self._space_checked_at = -math.inf
+        self._space_ok = False
 
     async def refuse_recipient(
         self,
